@@ -44,8 +44,10 @@ class RoutingResult(NamedTuple):
         metrics: dict of float32 tensors: `routed_fraction` and
             `dropped_fraction` (of the tokens with importance > 0, the share
             that reached at least one expert / no expert), `expert_load` `[e]`
-            (each expert's share of the filled slots), `max_load` (the busiest
-            expert's load over the mean load; 1.0 is perfect balance) and
+            (each expert's share of the tokens' choices before capacity cut
+            them, i.e. the demand; for expert selection, of the filled slots),
+            `max_load` (the busiest expert's load over the mean load; 1.0 is
+            perfect balance) and
             `router_entropy` (mean entropy of the softmax over experts).
     """
 
@@ -185,8 +187,9 @@ def top_2_gating(
         aux_loss += 0.5 * _balance_loss(normalized, mask_2)
 
     mask_2 = _second_place_policy(mask_2, gate_2, second_policy, second_threshold, seed)
-    combine = _queue_in_buffers([(mask_1, gate_1), (mask_2, gate_2)], expert_capacity)
-    return _result(combine, aux_loss, logits, importance)
+    combine, requested = _queue_in_buffers([(mask_1, gate_1), (mask_2, gate_2)],
+                                           expert_capacity)
+    return _result(combine, aux_loss, logits, importance, requested)
 
 
 def switch_gating(
@@ -247,8 +250,8 @@ def switch_gating(
         gate *= first
         density_1_proxy *= first[..., None]
     aux_loss = _balance_loss(density_1_proxy, mask)
-    combine = _queue_in_buffers([(mask, gate)], expert_capacity)
-    return _result(combine, aux_loss, logits, importance)
+    combine, requested = _queue_in_buffers([(mask, gate)], expert_capacity)
+    return _result(combine, aux_loss, logits, importance, requested)
 
 
 def expert_selection_gating(
@@ -339,18 +342,20 @@ def _queue_in_buffers(choices, expert_capacity):
         expert_capacity: `c`.
 
     Returns:
-        combine `[..., s, e, c]`.
+        combine `[..., s, e, c]` and the choices before capacity `[..., s, e]`.
     """
     _check_capacity(expert_capacity)
     filled = 0.0  # [..., 1, e] slots already taken per expert
     combine = 0.0
+    requested = 0.0
     for mask, gate in choices:
+        requested += mask
         position = (tf.cumsum(mask, axis=-2, exclusive=True) + filled) * mask
         mask *= tf.cast(position < tf.cast(expert_capacity, tf.float32), tf.float32)
         filled += tf.reduce_sum(mask, axis=-2, keepdims=True)
         slot = tf.one_hot(tf.cast(position, tf.int32), expert_capacity, dtype=tf.float32)
         combine += (gate[..., None] * mask)[..., None] * slot
-    return combine
+    return combine, requested
 
 
 def _balance_loss(density_proxy, mask):
@@ -361,18 +366,18 @@ def _balance_loss(density_proxy, mask):
     return tf.reduce_mean(proxy * density) * num_experts * num_experts
 
 
-def _result(combine, aux_loss, logits, importance):
+def _result(combine, aux_loss, logits, importance, requested=None):
     dispatch = tf.cast(combine > 0.0, tf.float32)
     return RoutingResult(
         dispatch_tensor=dispatch,
         combine_tensor=combine,
         aux_loss=aux_loss,
         z_loss=router_z_loss(logits, importance),
-        metrics=routing_metrics(dispatch, logits, importance),
+        metrics=routing_metrics(dispatch, logits, importance, requested),
     )
 
 
-def routing_metrics(dispatch_tensor, logits, importance=None):
+def routing_metrics(dispatch_tensor, logits, importance=None, requested=None):
     """Router health: tokens routed and dropped, load per expert, entropy.
 
     Args:
@@ -380,6 +385,8 @@ def routing_metrics(dispatch_tensor, logits, importance=None):
         logits: `[..., s, e]` router logits.
         importance: optional `[..., s]`; tokens with importance 0 are not
             counted (they are padding).
+        requested: optional `[..., s, e]`, the choices the tokens made before
+            capacity; the load is measured on it. Default: the filled slots.
 
     Returns:
         The dict described in `RoutingResult.metrics`.
@@ -392,8 +399,9 @@ def routing_metrics(dispatch_tensor, logits, importance=None):
     routed = tf.reduce_sum(reached * counted) / tf.maximum(num_counted, 1.0)
     dropped = (num_counted - tf.reduce_sum(reached * counted)) / tf.maximum(num_counted, 1.0)
 
-    per_expert = tf.reduce_sum(
-        tf.reshape(tf.reduce_sum(dispatch_tensor, axis=-1), [-1, num_experts]), axis=0)
+    if requested is None:
+        requested = tf.reduce_sum(dispatch_tensor, axis=-1)
+    per_expert = tf.reduce_sum(tf.reshape(requested, [-1, num_experts]), axis=0)
     load = per_expert / tf.maximum(tf.reduce_sum(per_expert), 1.0)
 
     probs = tf.nn.softmax(logits, axis=-1)

@@ -1,0 +1,128 @@
+"""Experts: `e` feed-forward networks evaluated together with `tf.einsum`."""
+
+import keras
+import tensorflow as tf
+
+
+@keras.saving.register_keras_serializable(package="tf_moe")
+class FeedForwardExperts(keras.layers.Layer):
+    """`e` two-layer feed-forward experts, batched: `[e, ..., m] -> [e, ..., n]`.
+
+    Expert `i` computes `act(x @ wi[i]) @ wo[i]` with `wi [e, m, h]` and
+    `wo [e, h, n]` (no bias, as Mesh-TF). With a list of activations the
+    hidden layer is gated as Mesh-TF's activation lists (GLU): one input kernel
+    `wi_k [e, m, h]` per activation and `h = prod_k act_k(x @ wi_k)`, so
+    `activation=["gelu", "linear"]` gives `(gelu(x wi_0) * (x wi_1)) wo`.
+
+    Args:
+        num_experts: `e`, int >= 1.
+        hidden_dim: `h`, int >= 1.
+        activation: an activation name or callable, or a list of them (GLU).
+        output_dim: `n`; default: the input width `m`.
+        dropout_rate: dropout on the hidden layer in training (Mesh-TF's
+            `moe_dropout_rate`).
+        kernel_initializer: initializer of every kernel. Default: a truncated
+            normal with variance `1 / fan_in` of one expert (`1/m` for `wi`,
+            `1/h` for `wo`), as Mesh-TF's dense layers.
+        seed: int or None, seeds the dropout.
+        **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: `[e, ..., m]` expert buffers.
+        training: bool, turns dropout on.
+
+    Returns:
+        `[e, ..., n]`.
+
+    Example:
+    >>> experts = FeedForwardExperts(num_experts=4, hidden_dim=64)
+    >>> experts(tf.zeros([4, 2, 8, 16])).shape
+    TensorShape([4, 2, 8, 16])
+    """
+
+    def __init__(self, num_experts, hidden_dim, activation="relu", output_dim=None,
+                 dropout_rate=0.0, kernel_initializer=None, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        for name, value in (("num_experts", num_experts), ("hidden_dim", hidden_dim)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+        if output_dim is not None and (not isinstance(output_dim, int) or output_dim < 1):
+            raise ValueError(f"output_dim must be None or an int >= 1, got {output_dim!r}.")
+        if not (isinstance(dropout_rate, (int, float)) and 0.0 <= dropout_rate < 1.0):
+            raise ValueError(f"dropout_rate must be a float in [0, 1), got {dropout_rate!r}.")
+        self.num_experts = num_experts
+        self.hidden_dim = hidden_dim
+        self.activation = activation
+        names = activation if isinstance(activation, (list, tuple)) else [activation]
+        if not names:
+            raise ValueError("activation must be a name, a callable or a non-empty list.")
+        try:
+            self._activations = [keras.activations.get(a) for a in names]
+        except ValueError as error:
+            raise ValueError(f"Unknown activation in {activation!r}: {error}") from None
+        self.output_dim = output_dim
+        self.dropout_rate = dropout_rate
+        self.kernel_initializer = (
+            keras.initializers.get(kernel_initializer) if kernel_initializer is not None else None)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def _initializer(self, fan_in):
+        if self.kernel_initializer is not None:
+            return self.kernel_initializer
+        return keras.initializers.TruncatedNormal(
+            stddev=(1.0 / fan_in) ** 0.5 / 0.87962566103423978, seed=self.seed)
+
+    def build(self, input_shape):
+        if len(input_shape) < 2:
+            raise ValueError(f"Expert inputs must be [e, ..., m], got shape {input_shape}.")
+        if input_shape[0] is not None and input_shape[0] != self.num_experts:
+            raise ValueError(
+                f"Expert inputs must have num_experts={self.num_experts} on axis 0, got "
+                f"shape {input_shape}.")
+        model_dim = input_shape[-1]
+        if model_dim is None:
+            raise ValueError("Expert inputs must have a known last axis (m).")
+        e, h = self.num_experts, self.hidden_dim
+        n = self.output_dim or model_dim
+        self.wi = [
+            self.add_weight(name=f"wi_{k}" if len(self._activations) > 1 else "wi",
+                            shape=(e, model_dim, h), initializer=self._initializer(model_dim))
+            for k in range(len(self._activations))
+        ]
+        self.wo = self.add_weight(name="wo", shape=(e, h, n), initializer=self._initializer(h))
+
+    def call(self, inputs, training=None):
+        shape = tf.shape(inputs)
+        x = tf.reshape(inputs, [self.num_experts, -1, shape[-1]])  # [e, t, m]
+        hidden = None
+        for wi, activation in zip(self.wi, self._activations):
+            h = activation(tf.einsum("etm,emh->eth", x, wi))
+            hidden = h if hidden is None else hidden * h
+        if training and self.dropout_rate > 0:
+            hidden = keras.random.dropout(hidden, self.dropout_rate, seed=self.seed_generator)
+        y = tf.einsum("eth,ehn->etn", hidden, self.wo)
+        return tf.reshape(y, tf.concat([shape[:-1], tf.shape(y)[-1:]], axis=0))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.output_dim or input_shape[-1],)
+
+    def get_config(self):
+        config = super().get_config()
+        activation = self.activation
+        if callable(activation):
+            activation = keras.activations.serialize(activation)
+        elif isinstance(activation, (list, tuple)):
+            activation = [a if isinstance(a, str) else keras.activations.serialize(a)
+                          for a in activation]
+        config.update(
+            num_experts=self.num_experts,
+            hidden_dim=self.hidden_dim,
+            activation=activation,
+            output_dim=self.output_dim,
+            dropout_rate=self.dropout_rate,
+            kernel_initializer=(keras.initializers.serialize(self.kernel_initializer)
+                                if self.kernel_initializer is not None else None),
+            seed=self.seed,
+        )
+        return config

@@ -1,0 +1,397 @@
+"""The mixture-of-experts Keras layer."""
+
+import keras
+import tensorflow as tf
+
+from tf_moe import dispatch, routing
+from tf_moe.experts import FeedForwardExperts
+from tf_moe.routers import ROUTERS, Router, SwitchRouter, Top2Router, ExpertSelectionRouter
+
+# Names of the router metrics a MoE layer reports (prefixed by the layer name).
+METRICS = ("balance_loss", "z_loss", "dropped", "max_load")
+
+
+def _check_int(argument, value, low, allow_none=False):
+    if allow_none and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        extra = "None or " if allow_none else ""
+        raise ValueError(f"{argument} must be {extra}an int >= {low}, got {value!r}.")
+
+
+def _check_positive(argument, value, allow_zero=False, allow_none=False):
+    if allow_none and value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        extra = "None or " if allow_none else ""
+        raise ValueError(f"{argument} must be {extra}a number {bound}, got {value!r}.")
+
+
+def group_shape(num_tokens, group_size):
+    """Groups `g` and group size `s` for `num_tokens` tokens.
+
+    `g = ceil(n / group_size)` groups of `s = ceil(n / g)` tokens: at most
+    `g - 1` padding tokens. When `n` divides evenly this is Mesh-TF's split.
+    An empty batch gets one group of one padding token.
+
+    Args:
+        num_tokens: `n`, a Python int or a scalar int tensor.
+        group_size: the largest group, an int >= 1.
+
+    Returns:
+        `(g, s)`, Python ints when `num_tokens` is one, else int32 tensors.
+    """
+    if isinstance(num_tokens, int):
+        g = max(1, -(-num_tokens // group_size))
+        return g, max(1, -(-num_tokens // g))
+    n = tf.cast(num_tokens, tf.int32)
+    g = tf.maximum(1, (n + group_size - 1) // group_size)
+    return g, tf.maximum(1, (n + g - 1) // g)
+
+
+@keras.saving.register_keras_serializable(package="tf_moe")
+class MoELayer(keras.layers.Layer):
+    """A mixture-of-experts feed-forward layer (Mesh-TF `transformer_moe_layer_v1`).
+
+    Every vector along the last axis of the input is a token; all leading axes
+    are tokens. The tokens are cut into groups of at most `group_size`
+    (padding the last ones, with importance 0, so padding takes no slot and
+    adds nothing to the losses), a router sends each token to at most a few
+    of the `num_experts` experts, each expert takes at most `c` tokens per
+    group, and the experts' outputs are added back weighted by the gates. A
+    token that no expert takes (capacity overflow) gets a zero output: the
+    share of such tokens is the `<name>_dropped` metric.
+
+    Capacity per group: `c = max(min(s, int(s * capacity_factor / e)),
+    min_expert_capacity)`, at most `s`, with `capacity_factor_train` in
+    training and `capacity_factor_eval` otherwise.
+
+    Losses (through `add_loss`): `loss_coef * balance_loss` in training and
+    evaluation, plus `loss_coef * z_loss_coef * z_loss` in training (as
+    Mesh-TF). Metrics shown by `fit`: `<name>_balance_loss`, `<name>_z_loss`,
+    `<name>_dropped` (fraction of tokens that reached no expert) and
+    `<name>_max_load` (busiest expert's share of the slots over the mean; 1
+    is perfect balance).
+
+    Args:
+        num_experts: `e`, int >= 1 (>= 2 for top-2).
+        expert_hidden_dim: `h` of each expert; default `4 * m`.
+        router: `"top_2"`, `"switch"`, `"expert_selection"`, or a `Router`
+            layer (the router arguments below are then ignored).
+        group_size: largest number of tokens routed together.
+        capacity_factor_train: capacity factor in training.
+        capacity_factor_eval: capacity factor in evaluation and inference.
+        min_expert_capacity: smallest `c`.
+        loss_coef: weight of the router losses in the model's loss.
+        z_loss_coef: weight of the router z-loss relative to the balance loss,
+            or None for no z-loss (Mesh-TF's `moe_z_loss`).
+        activation: the experts' activation, or a list for GLU experts.
+        output_dim: `n`; default: the input width `m`.
+        experts: optional Keras layer mapping `[e, ..., m]` to `[e, ..., n]`
+            that replaces the default `FeedForwardExperts`.
+        expert_dropout_rate: dropout on the experts' hidden layer in training.
+        second_policy_train, second_policy_eval, second_threshold_train,
+        second_threshold_eval, use_second_place_loss: the top-2 router's
+            arguments (see `Top2Router`).
+        switch_policy_train, switch_policy_eval, switch_jitter, switch_dropout,
+        switch_temperature: the switch and expert-selection routers'
+            arguments (see `SwitchRouter`; the temperature is switch's only).
+        seed: int or None, seeds the router and expert dropout.
+        **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: `[..., m]` float tensor, rank >= 2.
+        training: bool.
+        mask: optional boolean `[...]` (a Keras mask): masked tokens are
+            treated like padding (importance 0).
+
+    Returns:
+        `[..., n]`, the leading shape of `inputs` kept.
+
+    Example:
+    >>> model = keras.Sequential([
+    ...     keras.Input((64, 32)), MoELayer(num_experts=8), keras.layers.Dense(10)])
+    >>> model(tf.zeros([2, 64, 32])).shape
+    TensorShape([2, 64, 10])
+    """
+
+    def __init__(
+        self,
+        num_experts=16,
+        expert_hidden_dim=None,
+        router="top_2",
+        group_size=1024,
+        capacity_factor_train=1.25,
+        capacity_factor_eval=2.0,
+        min_expert_capacity=4,
+        loss_coef=1e-2,
+        z_loss_coef=None,
+        activation="relu",
+        output_dim=None,
+        experts=None,
+        expert_dropout_rate=0.0,
+        second_policy_train="random",
+        second_policy_eval="random",
+        second_threshold_train=0.2,
+        second_threshold_eval=0.2,
+        use_second_place_loss=False,
+        switch_policy_train="input_jitter",
+        switch_policy_eval="input_jitter",
+        switch_jitter=1e-2,
+        switch_dropout=0.1,
+        switch_temperature=1.0,
+        seed=None,
+        **kwargs,
+    ):
+        if kwargs.get("name") is None:
+            uid = keras.backend.get_uid("moe")
+            kwargs["name"] = "moe" if uid == 1 else f"moe_{uid - 1}"
+        super().__init__(**kwargs)
+        _check_int("num_experts", num_experts, 1)
+        _check_int("expert_hidden_dim", expert_hidden_dim, 1, allow_none=True)
+        _check_int("group_size", group_size, 1)
+        _check_positive("capacity_factor_train", capacity_factor_train)
+        _check_positive("capacity_factor_eval", capacity_factor_eval)
+        _check_int("min_expert_capacity", min_expert_capacity, 1)
+        _check_positive("loss_coef", loss_coef, allow_zero=True)
+        _check_positive("z_loss_coef", z_loss_coef, allow_zero=True, allow_none=True)
+        _check_int("output_dim", output_dim, 1, allow_none=True)
+        self.num_experts = num_experts
+        self.expert_hidden_dim = expert_hidden_dim
+        self.group_size = group_size
+        self.capacity_factor_train = capacity_factor_train
+        self.capacity_factor_eval = capacity_factor_eval
+        self.min_expert_capacity = min_expert_capacity
+        self.loss_coef = loss_coef
+        self.z_loss_coef = z_loss_coef
+        self.activation = activation
+        self.output_dim = output_dim
+        self.expert_dropout_rate = expert_dropout_rate
+        self.seed = seed
+        self.router_options = dict(
+            second_policy_train=second_policy_train,
+            second_policy_eval=second_policy_eval,
+            second_threshold_train=second_threshold_train,
+            second_threshold_eval=second_threshold_eval,
+            use_second_place_loss=use_second_place_loss,
+            switch_policy_train=switch_policy_train,
+            switch_policy_eval=switch_policy_eval,
+            switch_jitter=switch_jitter,
+            switch_dropout=switch_dropout,
+            switch_temperature=switch_temperature,
+        )
+        self.router = self._make_router(router)
+        if experts is not None and not isinstance(experts, keras.layers.Layer):
+            raise TypeError(f"experts must be a Keras layer or None, got {type(experts).__name__}.")
+        self.experts = experts
+        self._custom_experts = experts is not None
+        if not self._custom_experts:
+            # Validate the expert arguments now rather than at build time.
+            FeedForwardExperts(num_experts, expert_hidden_dim or 1, activation=activation,
+                               output_dim=output_dim, dropout_rate=expert_dropout_rate)
+        self.supports_masking = True
+        self._metric_trackers = {
+            key: keras.metrics.Mean(name=f"{self.name}_{key}") for key in METRICS}
+
+    def _make_router(self, router):
+        options = self.router_options
+        if isinstance(router, Router):
+            if router.num_experts is None:
+                router._check_num_experts(self.num_experts)
+                router.num_experts = self.num_experts
+            elif router.num_experts != self.num_experts:
+                raise ValueError(
+                    f"The router has num_experts={router.num_experts} but the layer has "
+                    f"num_experts={self.num_experts}.")
+            self._router_name = None
+            return router
+        if not isinstance(router, str) or router not in ROUTERS:
+            raise ValueError(
+                f"Unknown router {router!r}; accepted: {', '.join(map(repr, ROUTERS))} "
+                "or a tf_moe Router layer.")
+        self._router_name = router
+        cls = ROUTERS[router]
+        name = f"{self.name}_router"
+        if cls is Top2Router:
+            return Top2Router(
+                self.num_experts,
+                second_policy_train=options["second_policy_train"],
+                second_policy_eval=options["second_policy_eval"],
+                second_threshold_train=options["second_threshold_train"],
+                second_threshold_eval=options["second_threshold_eval"],
+                use_second_place_loss=options["use_second_place_loss"],
+                seed=self.seed, name=name)
+        policy_args = dict(
+            policy_train=options["switch_policy_train"],
+            policy_eval=options["switch_policy_eval"],
+            jitter=options["switch_jitter"],
+            dropout=options["switch_dropout"],
+            seed=self.seed, name=name)
+        if cls is SwitchRouter:
+            return SwitchRouter(self.num_experts, temperature=options["switch_temperature"],
+                                **policy_args)
+        return ExpertSelectionRouter(self.num_experts, **policy_args)
+
+    # ------------------------------------------------------------------ build
+
+    def build(self, input_shape):
+        if len(input_shape) < 2:
+            raise ValueError(
+                f"MoELayer inputs must have rank >= 2 ([..., tokens, m]), got shape "
+                f"{tuple(input_shape)}.")
+        model_dim = input_shape[-1]
+        if model_dim is None:
+            raise ValueError(
+                f"MoELayer needs a known input width (last axis) at build time, got shape "
+                f"{tuple(input_shape)}.")
+        self.input_dim = model_dim
+        if self.experts is None:
+            self.experts = FeedForwardExperts(
+                self.num_experts, self.expert_hidden_dim or 4 * model_dim,
+                activation=self.activation, output_dim=self.output_dim,
+                dropout_rate=self.expert_dropout_rate, seed=self.seed,
+                dtype=self.dtype_policy, name=f"{self.name}_experts")
+        self.router.build((None, None, model_dim))
+        self.experts.build((self.num_experts, None, None, model_dim))
+
+    # ------------------------------------------------------------------- call
+
+    def _group(self, inputs, mask):
+        """Tokens `[g, s, m]`, importance `[g, s]` and the token count `n`."""
+        if not inputs.dtype.is_floating:
+            raise TypeError(
+                f"MoELayer inputs must be floating point, got dtype {inputs.dtype.name}.")
+        if inputs.shape.rank is not None and inputs.shape.rank < 2:
+            raise ValueError(
+                f"MoELayer inputs must have rank >= 2 ([..., tokens, m]), got shape "
+                f"{inputs.shape}.")
+        model_dim = inputs.shape[-1]
+        tokens = tf.reshape(inputs, [-1, model_dim])
+        num_tokens = tokens.shape[0]
+        if num_tokens is None:
+            num_tokens = tf.shape(tokens)[0]
+        if mask is None:
+            importance = tf.ones(tf.shape(tokens)[:1], tf.float32)
+        else:
+            mask = tf.convert_to_tensor(mask)
+            if not mask.shape.is_compatible_with(inputs.shape[:-1]):
+                raise ValueError(
+                    f"mask must have the shape of the inputs without the last axis, "
+                    f"{inputs.shape[:-1]}, got {mask.shape}.")
+            importance = tf.reshape(tf.cast(mask, tf.float32), [-1])
+        groups, group_size = group_shape(num_tokens, self.group_size)
+        padding = groups * group_size - num_tokens
+        tokens = tf.pad(tokens, [[0, padding], [0, 0]])
+        importance = tf.pad(importance, [[0, padding]])
+        tokens = tf.reshape(tokens, [groups, group_size, model_dim])
+        importance = tf.reshape(importance, [groups, group_size])
+        return tokens, importance, num_tokens, group_size
+
+    def _route(self, inputs, mask, training):
+        tokens, importance, num_tokens, group_size = self._group(inputs, mask)
+        factor = self.capacity_factor_train if training else self.capacity_factor_eval
+        capacity = routing.expert_capacity(
+            group_size, self.num_experts, factor, self.min_expert_capacity)
+        result = self.router(tokens, expert_capacity=capacity, importance=importance,
+                             training=training)
+        return tokens, result, num_tokens
+
+    def _ungroup(self, grouped, num_tokens, inputs):
+        """`[g, s, k]` back to the leading shape of `inputs`: `[..., k]`."""
+        width = grouped.shape[-1]
+        flat = tf.reshape(grouped, [-1, width])[:num_tokens]
+        return tf.reshape(flat, tf.concat([tf.shape(inputs)[:-1], [width]], axis=0))
+
+    def call(self, inputs, training=None, mask=None):
+        training = bool(training)
+        tokens, result, num_tokens = self._route(inputs, mask, training)
+        expert_inputs = dispatch.einsum_dispatch(tokens, result.dispatch_tensor)  # [e, g, c, m]
+        expert_outputs = self.experts(expert_inputs, training=training)  # [e, g, c, n]
+        outputs = dispatch.einsum_combine(expert_outputs, result.combine_tensor)  # [g, s, n]
+        outputs = self._ungroup(outputs, num_tokens, inputs)
+
+        loss = result.aux_loss
+        if training and self.z_loss_coef:
+            loss += self.z_loss_coef * result.z_loss
+        if self.loss_coef:
+            self.add_loss(self.loss_coef * loss)
+        self._update_metrics(result)
+        return tf.cast(outputs, self.compute_dtype)
+
+    def _update_metrics(self, result):
+        values = {
+            "balance_loss": result.aux_loss,
+            "z_loss": result.z_loss,
+            "dropped": result.metrics["dropped_fraction"],
+            "max_load": result.metrics["max_load"],
+        }
+        for key, tracker in self._metric_trackers.items():
+            tracker.update_state(values[key])
+
+    def route(self, inputs, mask=None, training=False):
+        """How the layer routes `inputs`, without running the experts.
+
+        Args:
+            inputs: `[..., m]`, as for `call`.
+            mask: optional boolean `[...]`.
+            training: bool: training or evaluation capacity and policies.
+
+        Returns:
+            A dict: `gates` `[..., e]` (the weight of each expert in each
+            token's output; all zeros for a dropped token), `aux_loss`,
+            `z_loss`, and the routing metrics of `RoutingResult.metrics`.
+
+        Example:
+        >>> layer = MoELayer(num_experts=4)
+        >>> layer.route(tf.random.normal([2, 8, 16]))["gates"].shape
+        TensorShape([2, 8, 4])
+        """
+        inputs = tf.convert_to_tensor(inputs, dtype=self.compute_dtype)
+        if not self.built:
+            self.build(inputs.shape)
+        _, result, num_tokens = self._route(inputs, mask, training)
+        gates = self._ungroup(tf.reduce_sum(result.combine_tensor, axis=-1), num_tokens, inputs)
+        return dict(gates=gates, aux_loss=result.aux_loss, z_loss=result.z_loss,
+                    **result.metrics)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.output_dim or input_shape[-1],)
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
+
+    # ----------------------------------------------------------------- config
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_experts=self.num_experts,
+            expert_hidden_dim=self.expert_hidden_dim,
+            router=(self._router_name if self._router_name is not None
+                    else keras.saving.serialize_keras_object(self.router)),
+            group_size=self.group_size,
+            capacity_factor_train=self.capacity_factor_train,
+            capacity_factor_eval=self.capacity_factor_eval,
+            min_expert_capacity=self.min_expert_capacity,
+            loss_coef=self.loss_coef,
+            z_loss_coef=self.z_loss_coef,
+            activation=self.activation,
+            output_dim=self.output_dim,
+            experts=(keras.saving.serialize_keras_object(self.experts)
+                     if self._custom_experts else None),
+            expert_dropout_rate=self.expert_dropout_rate,
+            seed=self.seed,
+            **self.router_options,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("router", "experts"):
+            if isinstance(config.get(key), dict):
+                config[key] = keras.saving.deserialize_keras_object(config[key])
+        return cls(**config)

@@ -1,0 +1,324 @@
+"""Router layers: the learned part of routing.
+
+A router owns a float32 kernel `[m, e]` (no bias, as Mesh-TF), computes the
+logits `[g, s, e]` of grouped tokens in float32 whatever the dtype policy of
+the model, and hands them to a pure routing function of `tf_moe.routing`.
+Exploration noise (input jitter, input dropout) perturbs the router's own copy
+of the tokens only: the experts always receive the clean tokens.
+"""
+
+import keras
+import tensorflow as tf
+
+from tf_moe import routing
+
+INPUT_POLICIES = ("argmax", "input_jitter", "input_dropout")
+
+
+def _check_number(argument, value, low, *, inclusive=True, kind=(int, float)):
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    ok = ok and (value >= low if inclusive else value > low)
+    if not ok:
+        bound = f">= {low}" if inclusive else f"> {low}"
+        raise ValueError(f"{argument} must be a number {bound}, got {value!r}.")
+
+
+class Router(keras.layers.Layer):
+    """Base class of routers: a float32 kernel `[m, e]` and a routing rule.
+
+    Subclasses choose the rule by overriding `route(logits, expert_capacity,
+    importance, training)` and may perturb the router's inputs in training by
+    overriding `perturb(x, training)`.
+
+    Args:
+        num_experts: `e`, the number of experts; `None` lets the `MoELayer`
+            that owns the router set it.
+        kernel_initializer: initializer of the `[m, e]` kernel. Default: a
+            truncated normal with variance `1 / m` (Mesh-TF's dense default).
+        seed: int or None, seeds the router's random policies.
+        **kwargs: base `Layer` arguments. The dtype is always float32.
+
+    Call arguments:
+        inputs: grouped tokens `[g, s, m]` (any leading axes).
+        expert_capacity: `c`, an int >= 1 or a scalar int tensor.
+        importance: optional `[g, s]` float weights (0 for padding).
+        training: bool.
+
+    Returns:
+        A `tf_moe.routing.RoutingResult` with `[g, s, e, c]` tensors.
+    """
+
+    min_experts = 1
+
+    def __init__(self, num_experts=None, *, kernel_initializer=None, seed=None, **kwargs):
+        kwargs.pop("dtype", None)
+        super().__init__(dtype="float32", **kwargs)
+        if num_experts is not None:
+            self._check_num_experts(num_experts)
+        self.num_experts = num_experts
+        self.kernel_initializer = (
+            keras.initializers.get(kernel_initializer) if kernel_initializer is not None else None)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def _check_num_experts(self, num_experts):
+        if (not isinstance(num_experts, int) or isinstance(num_experts, bool)
+                or num_experts < self.min_experts):
+            raise ValueError(
+                f"num_experts must be an int >= {self.min_experts} for "
+                f"{type(self).__name__}, got {num_experts!r}."
+            )
+
+    def build(self, input_shape):
+        if self.num_experts is None:
+            raise ValueError(
+                f"{type(self).__name__} needs num_experts before it is built: pass it to "
+                "the router or give the router to a MoELayer."
+            )
+        model_dim = input_shape[-1]
+        if model_dim is None:
+            raise ValueError("The router's inputs must have a known last axis (m).")
+        initializer = self.kernel_initializer or keras.initializers.VarianceScaling(
+            1.0, mode="fan_in", distribution="truncated_normal", seed=self.seed)
+        self.kernel = self.add_weight(
+            name="kernel", shape=(model_dim, self.num_experts), initializer=initializer,
+            dtype="float32")
+
+    def logits(self, inputs, training=False):
+        """Router logits `[..., e]` in float32, with the training perturbation."""
+        x = self.perturb(tf.cast(inputs, tf.float32), training)
+        return tf.einsum("...m,me->...e", x, tf.cast(self.kernel, tf.float32))
+
+    def perturb(self, x, training):
+        """The router's own copy of the tokens, perturbed for exploration."""
+        del training
+        return x
+
+    def random_seed(self, training):
+        """Seed of the routing function's random policy.
+
+        In training, the router's `SeedGenerator`: fresh draws every step.
+        Outside training, the fixed stateless seed `(seed or 0, 0)`: the same
+        inputs always route the same way, so inference is deterministic and a
+        saved and reloaded model predicts exactly as before. (Mesh-TF draws
+        fresh noise at evaluation too.)
+        """
+        return self.seed_generator if training else (self.seed or 0)
+
+    def route(self, logits, expert_capacity, importance, training):
+        raise NotImplementedError(f"{type(self).__name__} must implement route().")
+
+    def call(self, inputs, expert_capacity, importance=None, training=None):
+        logits = self.logits(inputs, bool(training))
+        return self.route(logits, expert_capacity, importance, bool(training))
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("dtype", None)
+        config.update(
+            num_experts=self.num_experts,
+            kernel_initializer=(keras.initializers.serialize(self.kernel_initializer)
+                                if self.kernel_initializer is not None else None),
+            seed=self.seed,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tf_moe")
+class Top2Router(Router):
+    """Top-2 router (Mesh-TF `_top_2_gating`, GShard).
+
+    Args:
+        num_experts: `e >= 2`, or `None` to take the owning layer's.
+        second_policy_train: what to do with second choices in training:
+            `"all"`, `"none"`, `"threshold"` or `"random"` (Mesh-TF's default).
+        second_policy_eval: the same at evaluation and inference.
+        second_threshold_train: threshold of the `"threshold"` / `"random"`
+            policy in training.
+        second_threshold_eval: the same at evaluation and inference.
+        use_second_place_loss: also balance the second choices.
+        **kwargs: `Router` arguments (`kernel_initializer`, `seed`, ...).
+
+    Example:
+    >>> layer = MoELayer(num_experts=4, router=Top2Router(second_policy_train="all"))
+    """
+
+    min_experts = 2
+
+    def __init__(
+        self,
+        num_experts=None,
+        second_policy_train="random",
+        second_policy_eval="random",
+        second_threshold_train=0.2,
+        second_threshold_eval=0.2,
+        use_second_place_loss=False,
+        **kwargs,
+    ):
+        super().__init__(num_experts, **kwargs)
+        for name, policy in (("second_policy_train", second_policy_train),
+                             ("second_policy_eval", second_policy_eval)):
+            routing._check_choice(name, policy, routing.SECOND_POLICIES)
+        _check_number("second_threshold_train", second_threshold_train, 0.0)
+        _check_number("second_threshold_eval", second_threshold_eval, 0.0)
+        self.second_policy_train = second_policy_train
+        self.second_policy_eval = second_policy_eval
+        self.second_threshold_train = second_threshold_train
+        self.second_threshold_eval = second_threshold_eval
+        self.use_second_place_loss = bool(use_second_place_loss)
+
+    def route(self, logits, expert_capacity, importance, training):
+        return routing.top_2_gating(
+            logits,
+            expert_capacity,
+            importance=importance,
+            second_policy=self.second_policy_train if training else self.second_policy_eval,
+            second_threshold=(self.second_threshold_train if training
+                              else self.second_threshold_eval),
+            use_second_place_loss=self.use_second_place_loss,
+            seed=self.random_seed(training),
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            second_policy_train=self.second_policy_train,
+            second_policy_eval=self.second_policy_eval,
+            second_threshold_train=self.second_threshold_train,
+            second_threshold_eval=self.second_threshold_eval,
+            use_second_place_loss=self.use_second_place_loss,
+        )
+        return config
+
+
+class _InputPolicyRouter(Router):
+    """A router whose train/eval policy may jitter or drop out its inputs.
+
+    Mesh-TF's switch and expert-selection routers share these policies:
+    `"input_jitter"` multiplies the router's inputs by `U(1 - jitter,
+    1 + jitter)` in training; `"input_dropout"` applies dropout of rate
+    `dropout` in training; `"argmax"` leaves them alone. Outside training
+    every policy leaves the inputs alone.
+    """
+
+    policies = INPUT_POLICIES
+
+    def __init__(self, num_experts=None, policy_train="input_jitter",
+                 policy_eval="input_jitter", jitter=1e-2, dropout=0.1, **kwargs):
+        super().__init__(num_experts, **kwargs)
+        routing._check_choice("policy_train", policy_train, self.policies)
+        routing._check_choice("policy_eval", policy_eval, self.policies)
+        _check_number("jitter", jitter, 0.0)
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}.")
+        self.policy_train = policy_train
+        self.policy_eval = policy_eval
+        self.jitter = jitter
+        self.dropout = dropout
+
+    def policy(self, training):
+        return self.policy_train if training else self.policy_eval
+
+    def perturb(self, x, training):
+        policy = self.policy(training)
+        if not training:
+            return x
+        if policy == "input_jitter" and self.jitter > 0:
+            noise = keras.random.uniform(tf.shape(x), 1.0 - self.jitter, 1.0 + self.jitter,
+                                         seed=self.seed_generator)
+            return x * tf.cast(noise, x.dtype)
+        if policy == "input_dropout" and self.dropout > 0:
+            return keras.random.dropout(x, self.dropout, seed=self.seed_generator)
+        return x
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(policy_train=self.policy_train, policy_eval=self.policy_eval,
+                      jitter=self.jitter, dropout=self.dropout)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tf_moe")
+class SwitchRouter(_InputPolicyRouter):
+    """Switch (top-1) router (Mesh-TF `_switch_gating`, Switch Transformer).
+
+    Args:
+        num_experts: `e`, or `None` to take the owning layer's.
+        policy_train: `"input_jitter"` (Mesh-TF's default), `"input_dropout"`,
+            `"argmax"` or `"sample"` (sample the expert from
+            `softmax(logits / temperature)`).
+        policy_eval: the same at evaluation and inference (jitter and dropout
+            are off outside training).
+        jitter: relative width of the multiplicative input jitter.
+        dropout: rate of the input dropout.
+        temperature: sampling temperature of `"sample"`.
+        **kwargs: `Router` arguments (`kernel_initializer`, `seed`, ...).
+
+    Example:
+    >>> layer = MoELayer(num_experts=8, router=SwitchRouter(policy_train="sample"))
+    """
+
+    policies = routing.SWITCH_POLICIES
+
+    def __init__(self, num_experts=None, policy_train="input_jitter",
+                 policy_eval="input_jitter", jitter=1e-2, dropout=0.1, temperature=1.0,
+                 **kwargs):
+        super().__init__(num_experts, policy_train, policy_eval, jitter, dropout, **kwargs)
+        _check_number("temperature", temperature, 0.0)
+        self.temperature = temperature
+
+    def route(self, logits, expert_capacity, importance, training):
+        return routing.switch_gating(
+            logits, expert_capacity, importance=importance, policy=self.policy(training),
+            temperature=self.temperature, seed=self.random_seed(training))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(temperature=self.temperature)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tf_moe")
+class ExpertSelectionRouter(_InputPolicyRouter):
+    """Expert-choice router (Mesh-TF `_expert_selection_gating`).
+
+    Each expert picks its top-`c` tokens of the group; a token may be picked by
+    several experts or by none.
+
+    Args:
+        num_experts: `e`, or `None` to take the owning layer's.
+        policy_train: `"input_jitter"` (Mesh-TF's default), `"input_dropout"`
+            or `"argmax"` (no perturbation).
+        policy_eval: the same at evaluation and inference.
+        jitter: relative width of the multiplicative input jitter.
+        dropout: rate of the input dropout.
+        normalize_by_num_experts_routed: divide a token's gates by the number
+            of experts that picked it.
+        **kwargs: `Router` arguments (`kernel_initializer`, `seed`, ...).
+
+    Example:
+    >>> layer = MoELayer(num_experts=8, router=ExpertSelectionRouter())
+    """
+
+    def __init__(self, num_experts=None, policy_train="input_jitter",
+                 policy_eval="input_jitter", jitter=1e-2, dropout=0.1,
+                 normalize_by_num_experts_routed=True, **kwargs):
+        super().__init__(num_experts, policy_train, policy_eval, jitter, dropout, **kwargs)
+        self.normalize_by_num_experts_routed = bool(normalize_by_num_experts_routed)
+
+    def route(self, logits, expert_capacity, importance, training):
+        return routing.expert_selection_gating(
+            logits, expert_capacity, importance=importance,
+            normalize_by_num_experts_routed=self.normalize_by_num_experts_routed)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(normalize_by_num_experts_routed=self.normalize_by_num_experts_routed)
+        return config
+
+
+ROUTERS = {
+    "top_2": Top2Router,
+    "switch": SwitchRouter,
+    "expert_selection": ExpertSelectionRouter,
+}
