@@ -1,22 +1,42 @@
 """tf_moe: Mesh-TensorFlow's mixture-of-experts routing as Keras 3 layers."""
 
+import json as _json
 import os as _os
 
-import keras as _keras
 
-if _keras.config.backend() != "tensorflow":
-    raise ImportError(
-        "tf_moe needs Keras 3 on the TensorFlow backend, but the Keras backend is "
-        f"{_keras.config.backend()!r} (from KERAS_BACKEND="
-        f"{_os.environ.get('KERAS_BACKEND', '<unset>')!r} or ~/.keras/keras.json). "
-        "Set KERAS_BACKEND=tensorflow before importing keras."
-    )
+def _selected_keras_backend():
+    """The Keras backend that `import keras` will use, read without importing it."""
+    backend = _os.environ.get("KERAS_BACKEND")
+    if backend:
+        return backend, "the KERAS_BACKEND environment variable"
+    home = _os.environ.get("KERAS_HOME") or _os.path.join(_os.path.expanduser("~"), ".keras")
+    try:
+        with open(_os.path.join(home, "keras.json")) as f:
+            return _json.load(f).get("backend", "tensorflow"), _os.path.join(home, "keras.json")
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow", "the default"
 
-from tf_moe import routing
-from tf_moe.experts import FeedForwardExperts
-from tf_moe.layers import MoELayer
-from tf_moe.routers import ExpertSelectionRouter, Router, SwitchRouter, Top2Router
-from tf_moe.routing import (
+
+def _require_tensorflow_backend(backend, source):
+    if backend != "tensorflow":
+        raise ImportError(
+            f"tf_moe needs Keras 3 on the TensorFlow backend, but Keras is set to the "
+            f"{backend!r} backend (by {source}). Set KERAS_BACKEND=tensorflow before "
+            "importing keras or tf_moe."
+        )
+
+
+_require_tensorflow_backend(*_selected_keras_backend())
+
+import keras as _keras  # noqa: E402
+
+_require_tensorflow_backend(_keras.config.backend(), "keras.config.backend()")
+
+from tf_moe import routing  # noqa: E402
+from tf_moe.experts import FeedForwardExperts  # noqa: E402
+from tf_moe.layers import MoELayer  # noqa: E402
+from tf_moe.routers import ExpertSelectionRouter, Router, SwitchRouter, Top2Router  # noqa: E402
+from tf_moe.routing import (  # noqa: E402
     RoutingResult,
     expert_capacity,
     expert_selection_gating,

@@ -254,8 +254,10 @@ class MoELayer(keras.layers.Layer):
                 activation=self.activation, output_dim=self.output_dim,
                 dropout_rate=self.expert_dropout_rate, seed=self.seed,
                 dtype=self.dtype_policy, name=f"{self.name}_experts")
-        self.router.build((None, None, model_dim))
-        self.experts.build((self.num_experts, None, None, model_dim))
+        if not self.router.built:
+            self.router.build((None, None, model_dim))
+        if not self.experts.built:
+            self.experts.build((self.num_experts, None, None, model_dim))
 
     # ------------------------------------------------------------------- call
 
