@@ -35,14 +35,27 @@ _require_tensorflow_backend(_keras.config.backend(), "keras.config.backend()")
 from tf_moe import routing  # noqa: E402
 from tf_moe.experts import FeedForwardExperts  # noqa: E402
 from tf_moe.layers import MoELayer  # noqa: E402
-from tf_moe.routers import ExpertSelectionRouter, Router, SwitchRouter, Top2Router  # noqa: E402
+from tf_moe.routers import (  # noqa: E402
+    ExpertSelectionRouter,
+    NoisyTopKRouter,
+    Router,
+    SwitchMaxRouter,
+    SwitchRouter,
+    Top2Router,
+    TopNRouter,
+    TruncatedTop2Router,
+)
 from tf_moe.routing import (  # noqa: E402
     RoutingResult,
     expert_capacity,
     expert_selection_gating,
+    noisy_top_k_gating,
     router_z_loss,
     switch_gating,
+    switch_max_gating,
     top_2_gating,
+    top_n_gating,
+    truncated_top_2_gating,
 )
 
 __version__ = "0.1.0"
@@ -51,14 +64,22 @@ __all__ = [
     "ExpertSelectionRouter",
     "FeedForwardExperts",
     "MoELayer",
+    "NoisyTopKRouter",
     "Router",
     "RoutingResult",
+    "SwitchMaxRouter",
     "SwitchRouter",
     "Top2Router",
+    "TopNRouter",
+    "TruncatedTop2Router",
     "expert_capacity",
     "expert_selection_gating",
+    "noisy_top_k_gating",
     "router_z_loss",
     "routing",
     "switch_gating",
+    "switch_max_gating",
     "top_2_gating",
+    "top_n_gating",
+    "truncated_top_2_gating",
 ]

@@ -5,7 +5,27 @@ import tensorflow as tf
 
 from tf_moe import dispatch, routing
 from tf_moe.experts import FeedForwardExperts
-from tf_moe.routers import ROUTERS, Router, SwitchRouter, Top2Router, ExpertSelectionRouter
+from tf_moe.routers import ROUTERS, Router
+
+# For each router name, which MoELayer arguments become which router arguments.
+_POLICY_OPTIONS = dict(policy_train="switch_policy_train", policy_eval="switch_policy_eval",
+                       jitter="switch_jitter", dropout="switch_dropout")
+_TOP_N_OPTIONS = dict(
+    second_policy_train="second_policy_train", second_policy_eval="second_policy_eval",
+    second_threshold_train="second_threshold_train",
+    second_threshold_eval="second_threshold_eval",
+    use_second_place_loss="use_second_place_loss")
+_SWITCH_OPTIONS = dict(_POLICY_OPTIONS, temperature="switch_temperature",
+                       use_second_place_expert_prob="use_second_place_expert_prob")
+ROUTER_OPTIONS = {
+    "top_2": _TOP_N_OPTIONS,
+    "top_n": dict(_TOP_N_OPTIONS, n="top_n_num_experts_per_token"),
+    "truncated_top_2": {},
+    "switch": _SWITCH_OPTIONS,
+    "switch_max": _SWITCH_OPTIONS,
+    "expert_selection": _POLICY_OPTIONS,
+    "noisy_top_k": dict(k="noisy_gating_k", noise_epsilon="noise_epsilon"),
+}
 
 # Names of the router metrics a MoE layer reports (prefixed by the layer name).
 METRICS = ("balance_loss", "z_loss", "dropped", "max_load")
@@ -79,8 +99,10 @@ class MoELayer(keras.layers.Layer):
     Args:
         num_experts: `e`, int >= 1 (>= 2 for top-2).
         expert_hidden_dim: `h` of each expert; default `4 * m`.
-        router: `"top_2"`, `"switch"`, `"expert_selection"`, or a `Router`
-            layer (the router arguments below are then ignored).
+        router: a name: `"top_2"`, `"top_n"`, `"truncated_top_2"`,
+            `"switch"`, `"switch_max"`, `"expert_selection"`,
+            `"noisy_top_k"`; or a `Router` layer (the router arguments below
+            are then ignored).
         group_size: largest number of tokens routed together.
         capacity_factor_train: capacity factor in training.
         capacity_factor_eval: capacity factor in evaluation and inference.
@@ -97,8 +119,13 @@ class MoELayer(keras.layers.Layer):
         second_threshold_eval, use_second_place_loss: the top-2 router's
             arguments (see `Top2Router`).
         switch_policy_train, switch_policy_eval, switch_jitter, switch_dropout,
-        switch_temperature: the switch and expert-selection routers'
-            arguments (see `SwitchRouter`; the temperature is switch's only).
+        switch_temperature, use_second_place_expert_prob: the switch,
+            switch-max and expert-selection routers' arguments (see
+            `SwitchRouter`; temperature and exploration are the switch
+            family's only).
+        top_n_num_experts_per_token: `n` of the top-n router.
+        noisy_gating_k, noise_epsilon: `k` and `noise_epsilon` of the noisy
+            top-k router (see `NoisyTopKRouter`).
         seed: int or None, seeds the router and expert dropout.
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
 
@@ -143,6 +170,10 @@ class MoELayer(keras.layers.Layer):
         switch_jitter=1e-2,
         switch_dropout=0.1,
         switch_temperature=1.0,
+        use_second_place_expert_prob=None,
+        top_n_num_experts_per_token=3,
+        noisy_gating_k=2,
+        noise_epsilon=1e-2,
         seed=None,
         **kwargs,
     ):
@@ -182,6 +213,10 @@ class MoELayer(keras.layers.Layer):
             switch_jitter=switch_jitter,
             switch_dropout=switch_dropout,
             switch_temperature=switch_temperature,
+            use_second_place_expert_prob=use_second_place_expert_prob,
+            top_n_num_experts_per_token=top_n_num_experts_per_token,
+            noisy_gating_k=noisy_gating_k,
+            noise_epsilon=noise_epsilon,
         )
         self.router = self._make_router(router)
         if experts is not None and not isinstance(experts, keras.layers.Layer):
@@ -213,27 +248,9 @@ class MoELayer(keras.layers.Layer):
                 f"Unknown router {router!r}; accepted: {', '.join(map(repr, ROUTERS))} "
                 "or a tf_moe Router layer.")
         self._router_name = router
-        cls = ROUTERS[router]
-        name = f"{self.name}_router"
-        if cls is Top2Router:
-            return Top2Router(
-                self.num_experts,
-                second_policy_train=options["second_policy_train"],
-                second_policy_eval=options["second_policy_eval"],
-                second_threshold_train=options["second_threshold_train"],
-                second_threshold_eval=options["second_threshold_eval"],
-                use_second_place_loss=options["use_second_place_loss"],
-                seed=self.seed, name=name)
-        policy_args = dict(
-            policy_train=options["switch_policy_train"],
-            policy_eval=options["switch_policy_eval"],
-            jitter=options["switch_jitter"],
-            dropout=options["switch_dropout"],
-            seed=self.seed, name=name)
-        if cls is SwitchRouter:
-            return SwitchRouter(self.num_experts, temperature=options["switch_temperature"],
-                                **policy_args)
-        return ExpertSelectionRouter(self.num_experts, **policy_args)
+        arguments = {key: options[option] for key, option in ROUTER_OPTIONS[router].items()}
+        return ROUTERS[router](self.num_experts, seed=self.seed, name=f"{self.name}_router",
+                               **arguments)
 
     # ------------------------------------------------------------------ build
 

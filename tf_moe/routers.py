@@ -125,8 +125,84 @@ class Router(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
-class Top2Router(Router):
-    """Top-2 router (Mesh-TF `_top_2_gating`, GShard).
+class TopNRouter(Router):
+    """Top-n router (Mesh-TF `_top_n_gating`): each token uses up to `n` experts.
+
+    Args:
+        num_experts: `e >= n`, or `None` to take the owning layer's.
+        n: experts per token, an int >= 2.
+        second_policy_train: what to do with choices 2..n in training:
+            `"all"`, `"none"`, `"threshold"` or `"random"` (Mesh-TF's default).
+        second_policy_eval: the same at evaluation and inference.
+        second_threshold_train: threshold of the `"threshold"` / `"random"`
+            policy in training.
+        second_threshold_eval: the same at evaluation and inference.
+        use_second_place_loss: also balance the second choices.
+        **kwargs: `Router` arguments (`kernel_initializer`, `seed`, ...).
+
+    Example:
+    >>> layer = MoELayer(num_experts=8, router=TopNRouter(n=3))
+    """
+
+    def __init__(
+        self,
+        num_experts=None,
+        n=3,
+        second_policy_train="random",
+        second_policy_eval="random",
+        second_threshold_train=0.2,
+        second_threshold_eval=0.2,
+        use_second_place_loss=False,
+        **kwargs,
+    ):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+            raise ValueError(f"n must be an int >= 2, got {n!r}.")
+        self.n = n
+        super().__init__(num_experts, **kwargs)
+        for name, policy in (("second_policy_train", second_policy_train),
+                             ("second_policy_eval", second_policy_eval)):
+            routing._check_choice(name, policy, routing.SECOND_POLICIES)
+        _check_number("second_threshold_train", second_threshold_train, 0.0)
+        _check_number("second_threshold_eval", second_threshold_eval, 0.0)
+        self.second_policy_train = second_policy_train
+        self.second_policy_eval = second_policy_eval
+        self.second_threshold_train = second_threshold_train
+        self.second_threshold_eval = second_threshold_eval
+        self.use_second_place_loss = bool(use_second_place_loss)
+
+    @property
+    def min_experts(self):
+        return self.n
+
+    def route(self, logits, expert_capacity, importance, training):
+        return routing.top_n_gating(
+            logits,
+            expert_capacity,
+            n=self.n,
+            importance=importance,
+            second_policy=self.second_policy_train if training else self.second_policy_eval,
+            second_threshold=(self.second_threshold_train if training
+                              else self.second_threshold_eval),
+            use_second_place_loss=self.use_second_place_loss,
+            seed=self.random_seed(training),
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            n=self.n,
+            second_policy_train=self.second_policy_train,
+            second_policy_eval=self.second_policy_eval,
+            second_threshold_train=self.second_threshold_train,
+            second_threshold_eval=self.second_threshold_eval,
+            use_second_place_loss=self.use_second_place_loss,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tf_moe")
+class Top2Router(TopNRouter):
+    """Top-2 router (Mesh-TF `_top_2_gating`, GShard): `TopNRouter` with `n=2`.
 
     Args:
         num_experts: `e >= 2`, or `None` to take the owning layer's.
@@ -143,52 +219,39 @@ class Top2Router(Router):
     >>> layer = MoELayer(num_experts=4, router=Top2Router(second_policy_train="all"))
     """
 
-    min_experts = 2
-
-    def __init__(
-        self,
-        num_experts=None,
-        second_policy_train="random",
-        second_policy_eval="random",
-        second_threshold_train=0.2,
-        second_threshold_eval=0.2,
-        use_second_place_loss=False,
-        **kwargs,
-    ):
-        super().__init__(num_experts, **kwargs)
-        for name, policy in (("second_policy_train", second_policy_train),
-                             ("second_policy_eval", second_policy_eval)):
-            routing._check_choice(name, policy, routing.SECOND_POLICIES)
-        _check_number("second_threshold_train", second_threshold_train, 0.0)
-        _check_number("second_threshold_eval", second_threshold_eval, 0.0)
-        self.second_policy_train = second_policy_train
-        self.second_policy_eval = second_policy_eval
-        self.second_threshold_train = second_threshold_train
-        self.second_threshold_eval = second_threshold_eval
-        self.use_second_place_loss = bool(use_second_place_loss)
-
-    def route(self, logits, expert_capacity, importance, training):
-        return routing.top_2_gating(
-            logits,
-            expert_capacity,
-            importance=importance,
-            second_policy=self.second_policy_train if training else self.second_policy_eval,
-            second_threshold=(self.second_threshold_train if training
-                              else self.second_threshold_eval),
-            use_second_place_loss=self.use_second_place_loss,
-            seed=self.random_seed(training),
-        )
+    def __init__(self, num_experts=None, second_policy_train="random",
+                 second_policy_eval="random", second_threshold_train=0.2,
+                 second_threshold_eval=0.2, use_second_place_loss=False, **kwargs):
+        kwargs.pop("n", None)
+        super().__init__(num_experts, 2, second_policy_train, second_policy_eval,
+                         second_threshold_train, second_threshold_eval,
+                         use_second_place_loss, **kwargs)
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            second_policy_train=self.second_policy_train,
-            second_policy_eval=self.second_policy_eval,
-            second_threshold_train=self.second_threshold_train,
-            second_threshold_eval=self.second_threshold_eval,
-            use_second_place_loss=self.use_second_place_loss,
-        )
+        config.pop("n")
         return config
+
+
+@keras.saving.register_keras_serializable(package="tf_moe")
+class TruncatedTop2Router(Router):
+    """Truncated top-2 router (tensor2tensor `_truncated_top_2_gating_mtf`).
+
+    Second choices avoid experts expected to be full by the token's position;
+    see `tf_moe.routing.truncated_top_2_gating`.
+
+    Args:
+        num_experts: `e >= 2`, or `None` to take the owning layer's.
+        **kwargs: `Router` arguments (`kernel_initializer`, `seed`, ...).
+
+    Example:
+    >>> layer = MoELayer(num_experts=8, router="truncated_top_2")
+    """
+
+    min_experts = 2
+
+    def route(self, logits, expert_capacity, importance, training):
+        return routing.truncated_top_2_gating(logits, expert_capacity, importance=importance)
 
 
 class _InputPolicyRouter(Router):
@@ -252,6 +315,9 @@ class SwitchRouter(_InputPolicyRouter):
         jitter: relative width of the multiplicative input jitter.
         dropout: rate of the input dropout.
         temperature: sampling temperature of `"sample"`.
+        use_second_place_expert_prob: None, or the probability that a token
+            goes to its second-best expert instead (exploration, training only;
+            Mesh-TF's `moe_use_second_place_expert_prob`).
         **kwargs: `Router` arguments (`kernel_initializer`, `seed`, ...).
 
     Example:
@@ -259,23 +325,47 @@ class SwitchRouter(_InputPolicyRouter):
     """
 
     policies = routing.SWITCH_POLICIES
+    gating = staticmethod(routing.switch_gating)
 
     def __init__(self, num_experts=None, policy_train="input_jitter",
                  policy_eval="input_jitter", jitter=1e-2, dropout=0.1, temperature=1.0,
-                 **kwargs):
+                 use_second_place_expert_prob=None, **kwargs):
         super().__init__(num_experts, policy_train, policy_eval, jitter, dropout, **kwargs)
         _check_number("temperature", temperature, 0.0)
+        if use_second_place_expert_prob is not None and not (
+                isinstance(use_second_place_expert_prob, (int, float))
+                and 0.0 <= use_second_place_expert_prob <= 1.0):
+            raise ValueError("use_second_place_expert_prob must be None or a probability in "
+                             f"[0, 1], got {use_second_place_expert_prob!r}.")
         self.temperature = temperature
+        self.use_second_place_expert_prob = use_second_place_expert_prob
 
     def route(self, logits, expert_capacity, importance, training):
-        return routing.switch_gating(
+        return self.gating(
             logits, expert_capacity, importance=importance, policy=self.policy(training),
-            temperature=self.temperature, seed=self.random_seed(training))
+            temperature=self.temperature,
+            second_place_expert_prob=self.use_second_place_expert_prob if training else None,
+            seed=self.random_seed(training))
 
     def get_config(self):
         config = super().get_config()
-        config.update(temperature=self.temperature)
+        config.update(temperature=self.temperature,
+                      use_second_place_expert_prob=self.use_second_place_expert_prob)
         return config
+
+
+@keras.saving.register_keras_serializable(package="tf_moe")
+class SwitchMaxRouter(SwitchRouter):
+    """Switch router with batch-prioritised routing (Mesh-TF `_switch_max_gating`).
+
+    Each expert keeps the `c` tokens that gave it the highest probability
+    instead of the first `c` to arrive. Arguments as `SwitchRouter`.
+
+    Example:
+    >>> layer = MoELayer(num_experts=8, router="switch_max")
+    """
+
+    gating = staticmethod(routing.switch_max_gating)
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
@@ -317,8 +407,73 @@ class ExpertSelectionRouter(_InputPolicyRouter):
         return config
 
 
+@keras.saving.register_keras_serializable(package="tf_moe")
+class NoisyTopKRouter(Router):
+    """Noisy top-k router of Shazeer et al. 2017.
+
+    Owns a gate kernel `[m, e]` and a noise kernel `[m, e]`, both initialised
+    to zeros (as the paper). In training the logits get Gaussian noise of
+    standard deviation `softplus(x @ w_noise) + noise_epsilon`; each token uses
+    its `k` best experts with the softmax over those `k` as gates. Its loss is
+    `cv2(importance) + cv2(load)` (see `tf_moe.routing.noisy_top_k_gating`).
+
+    Args:
+        num_experts: `e >= k`, or `None` to take the owning layer's.
+        k: experts per token.
+        noise_epsilon: smallest noise standard deviation.
+        noisy_gating: add the noise in training (False: plain top-k softmax).
+        kernel_initializer: initializer of both kernels (default zeros).
+        **kwargs: `Router` arguments (`seed`, ...).
+
+    Example:
+    >>> layer = MoELayer(num_experts=8, router=NoisyTopKRouter(k=2))
+    """
+
+    def __init__(self, num_experts=None, k=2, noise_epsilon=1e-2, noisy_gating=True,
+                 kernel_initializer="zeros", **kwargs):
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}.")
+        self.k = k
+        super().__init__(num_experts, kernel_initializer=kernel_initializer, **kwargs)
+        _check_number("noise_epsilon", noise_epsilon, 0.0)
+        self.noise_epsilon = noise_epsilon
+        self.noisy_gating = bool(noisy_gating)
+
+    @property
+    def min_experts(self):
+        return self.k
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.noise_kernel = self.add_weight(
+            name="noise_kernel", shape=self.kernel.shape, initializer=self.kernel_initializer,
+            dtype="float32")
+
+    def call(self, inputs, expert_capacity, importance=None, training=None):
+        x = tf.cast(inputs, tf.float32)
+        logits = tf.einsum("...m,me->...e", x, tf.cast(self.kernel, tf.float32))
+        noise_stddev = None
+        if training and self.noisy_gating:
+            noise_stddev = tf.nn.softplus(
+                tf.einsum("...m,me->...e", x, tf.cast(self.noise_kernel, tf.float32))
+            ) + self.noise_epsilon
+        return routing.noisy_top_k_gating(
+            logits, expert_capacity, k=self.k, noise_stddev=noise_stddev, importance=importance,
+            seed=self.random_seed(bool(training)))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(k=self.k, noise_epsilon=self.noise_epsilon,
+                      noisy_gating=self.noisy_gating)
+        return config
+
+
 ROUTERS = {
     "top_2": Top2Router,
+    "top_n": TopNRouter,
+    "truncated_top_2": TruncatedTop2Router,
     "switch": SwitchRouter,
+    "switch_max": SwitchMaxRouter,
     "expert_selection": ExpertSelectionRouter,
+    "noisy_top_k": NoisyTopKRouter,
 }

@@ -161,35 +161,96 @@ def top_2_gating(
     >>> r.combine_tensor.shape
     TensorShape([2, 16, 4, 8])
     """
-    logits = _float32_logits(logits, min_experts=2)
+    return top_n_gating(
+        logits, expert_capacity, n=2, importance=importance, second_policy=second_policy,
+        second_threshold=second_threshold, use_second_place_loss=use_second_place_loss,
+        seed=seed)
+
+
+def top_n_gating(
+    logits,
+    expert_capacity,
+    *,
+    n=3,
+    importance=None,
+    second_policy="random",
+    second_threshold=0.2,
+    use_second_place_loss=False,
+    seed=None,
+):
+    """Top-n gating of Mesh-TF's `_top_n_gating`; `n=2` is `top_2_gating`.
+
+    Each token picks its `n` best experts in order; the gates of the `n` are
+    renormalised by their sum `+ 1e-9` before the policy and capacity drop
+    anything. Choice `k` of every token queues behind all choices `< k` of the
+    group. `second_policy` applies to every choice `k >= 2`, each with its own
+    gate (and its own random draw). Balance loss as top-2 on the first choices;
+    with `use_second_place_loss`, half the same loss on the second choices.
+    Departure from Mesh-TF: the second-place loss uses the second choice (Mesh-TF
+    indexes the wrong one).
+
+    Importance: 1 gives up to `n` experts, `0 < imp < 1` at most one (its top
+    expert, queued as a second choice, as top-2), 0 none.
+
+    Args:
+        logits: `[..., s, e]` router logits, `e >= n`.
+        expert_capacity: `c`, int >= 1 (or a scalar int tensor).
+        n: experts per token, an int >= 2.
+        importance: optional `[..., s]` float weights.
+        second_policy: see `top_2_gating`; applied to choices 2..n.
+        second_threshold: float, see `top_2_gating`.
+        use_second_place_loss: bool, see above.
+        seed: `None`, an int, or a `keras.random.SeedGenerator`.
+
+    Returns:
+        A `RoutingResult`.
+
+    Example:
+    >>> r = top_n_gating(tf.random.normal([1, 16, 8]), 8, n=3, second_policy="all")
+    >>> float(tf.reduce_max(tf.reduce_sum(r.dispatch_tensor, axis=[-2, -1])))
+    3.0
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        raise ValueError(f"n must be an int >= 2, got {n!r}.")
+    logits = _float32_logits(logits, min_experts=n)
     _check_choice("second_policy", second_policy, SECOND_POLICIES)
     raw_gates = tf.nn.softmax(logits, axis=-1)
 
-    mask_1, gate_1 = _top_1(raw_gates)
+    masks, gates = [], []
+    remaining = raw_gates
     density_1_proxy = raw_gates
-    if importance is not None:
-        first = _importance_weight(importance, logits, lambda imp: tf.equal(imp, 1.0))
-        mask_1 *= first[..., None]
-        gate_1 *= first
-        density_1_proxy *= first[..., None]
-    gates_without_top_1 = raw_gates * (1.0 - mask_1)
-    mask_2, gate_2 = _top_1(gates_without_top_1)
-    if importance is not None:
-        mask_2 *= _importance_weight(importance, logits, lambda imp: imp > 0.0)[..., None]
-    denom = gate_1 + gate_2 + _EPSILON
-    gate_1 /= denom
-    gate_2 /= denom
+    for k in range(n):
+        mask, gate = _top_1(remaining)
+        if importance is not None:
+            # The first and third-or-later choices need importance 1; the second
+            # only importance > 0, so a token of importance 0.5 gets its top expert.
+            keep = _importance_weight(
+                importance, logits,
+                (lambda imp: imp > 0.0) if k == 1 else (lambda imp: tf.equal(imp, 1.0)))
+            mask *= keep[..., None]
+            if k == 0:
+                gate *= keep
+                density_1_proxy *= keep[..., None]
+        if k == 0:
+            gates_without_top_1 = raw_gates * (1.0 - mask)
+        remaining *= 1.0 - mask
+        masks.append(mask)
+        gates.append(gate)
+    denom = tf.add_n(gates) + _EPSILON
+    gates = [gate / denom for gate in gates]
 
-    aux_loss = _balance_loss(density_1_proxy, mask_1)
+    aux_loss = _balance_loss(density_1_proxy, masks[0])
     if use_second_place_loss:
         normalized = gates_without_top_1 / (
             tf.reduce_sum(gates_without_top_1, axis=-1, keepdims=True) + _EPSILON)
-        aux_loss += 0.5 * _balance_loss(normalized, mask_2)
+        aux_loss += 0.5 * _balance_loss(normalized, masks[1])
 
-    mask_2 = _second_place_policy(mask_2, gate_2, second_policy, second_threshold, seed)
-    combine, requested = _queue_in_buffers([(mask_1, gate_1), (mask_2, gate_2)],
-                                           expert_capacity)
-    return _result(combine, aux_loss, logits, importance, requested)
+    queue = _BufferQueue(expert_capacity)
+    for k, (mask, gate) in enumerate(zip(masks, gates)):
+        if k > 0:
+            mask = _second_place_policy(mask, gate, second_policy, second_threshold, seed, k - 1)
+        queue.push(mask, gate)
+    return _result(queue, aux_loss, logits, importance)
 
 
 def switch_gating(
@@ -199,6 +260,7 @@ def switch_gating(
     importance=None,
     policy="argmax",
     temperature=1.0,
+    second_place_expert_prob=None,
     seed=None,
 ):
     """Switch (top-1) gating of Mesh-TF's `_switch_gating`.
@@ -208,7 +270,10 @@ def switch_gating(
     from `softmax(logits / temperature)` by the Gumbel trick as Mesh-TF's
     `sample_with_temperature` (temperature 0 is argmax). `"input_jitter"` and
     `"input_dropout"` perturb the router's inputs, which is the router layer's
-    job; here they route like `"argmax"`.
+    job; here they route like `"argmax"`. With `second_place_expert_prob`
+    (Mesh-TF's `moe_use_second_place_expert_prob`, for exploration in
+    training) a token goes instead to its second-best expert with that
+    probability.
 
     Only tokens with importance 1 are routed (as Mesh-TF). Departure from
     Mesh-TF: `density_1` is computed after the importance mask, so tokens with
@@ -221,7 +286,8 @@ def switch_gating(
         policy: one of `"argmax"`, `"sample"`, `"input_jitter"`,
             `"input_dropout"`.
         temperature: float >= 0 for `"sample"`.
-        seed: `None`, an int, or a `keras.random.SeedGenerator`, for `"sample"`.
+        second_place_expert_prob: None or a probability in [0, 1].
+        seed: `None`, an int, or a `keras.random.SeedGenerator`.
 
     Returns:
         A `RoutingResult`.
@@ -231,10 +297,54 @@ def switch_gating(
     >>> float(tf.reduce_max(tf.reduce_sum(r.dispatch_tensor, axis=[-2, -1])))
     1.0
     """
+    return _switch(logits, expert_capacity, importance, policy, temperature,
+                   second_place_expert_prob, seed, batch_prioritized=False)
+
+
+def switch_max_gating(
+    logits,
+    expert_capacity,
+    *,
+    importance=None,
+    policy="argmax",
+    temperature=1.0,
+    second_place_expert_prob=None,
+    seed=None,
+):
+    """Switch gating with batch-prioritised routing (Mesh-TF `_switch_max_gating`).
+
+    Tokens choose their expert as `switch_gating` does, but each expert keeps
+    the `c` tokens of the group that gave it the highest probability (ties to
+    the earlier token), not the first `c` to arrive; its slot `j` holds its
+    `j`-th most confident token. Balance loss as switch.
+
+    Args:
+        logits: `[..., s, e]` router logits.
+        expert_capacity: `c`, int with `1 <= c <= s` (or a scalar int tensor).
+        importance, policy, temperature, second_place_expert_prob, seed: as
+            `switch_gating`.
+
+    Returns:
+        A `RoutingResult`.
+
+    Example:
+    >>> r = switch_max_gating(tf.random.normal([2, 16, 4]), 2)
+    >>> float(tf.reduce_max(tf.reduce_sum(r.dispatch_tensor, axis=[-3, -1])))
+    2.0
+    """
+    return _switch(logits, expert_capacity, importance, policy, temperature,
+                   second_place_expert_prob, seed, batch_prioritized=True)
+
+
+def _switch(logits, expert_capacity, importance, policy, temperature,
+            second_place_expert_prob, seed, batch_prioritized):
     logits = _float32_logits(logits)
     _check_choice("policy", policy, SWITCH_POLICIES)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}.")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}.")
+    if second_place_expert_prob is not None and not 0.0 <= second_place_expert_prob <= 1.0:
+        raise ValueError(
+            f"second_place_expert_prob must be None or in [0, 1], got {second_place_expert_prob!r}.")
     raw_gates = tf.nn.softmax(logits, axis=-1)
     if policy == "sample" and temperature > 0:
         u = _uniform(tf.shape(logits), seed, minval=_EPSILON)
@@ -242,6 +352,10 @@ def switch_gating(
     else:
         choice_scores = raw_gates
     mask, _ = _top_1(choice_scores)
+    if second_place_expert_prob:
+        second, _ = _top_1(tf.where(mask > 0, -1.0, raw_gates))
+        explore = _uniform(tf.shape(logits)[:-1], seed, salt=1) < second_place_expert_prob
+        mask = tf.where(explore[..., None], second, mask)
     gate = tf.reduce_sum(raw_gates * mask, axis=-1)
     density_1_proxy = raw_gates
     if importance is not None:
@@ -250,8 +364,171 @@ def switch_gating(
         gate *= first
         density_1_proxy *= first[..., None]
     aux_loss = _balance_loss(density_1_proxy, mask)
-    combine, requested = _queue_in_buffers([(mask, gate)], expert_capacity)
-    return _result(combine, aux_loss, logits, importance, requested)
+    if batch_prioritized:
+        _check_capacity_within_group(expert_capacity, logits)
+        # Each expert ranks the tokens that chose it by gate; others score -1.
+        taken = _experts_take_top_c(tf.where(mask > 0, gate[..., None], -1.0), expert_capacity)
+        combine = taken * (gate[..., None] * mask)[..., None]
+        return _result(combine, aux_loss, logits, importance, requested=mask)
+    queue = _BufferQueue(expert_capacity)
+    queue.push(mask, gate)
+    return _result(queue, aux_loss, logits, importance)
+
+
+def truncated_top_2_gating(logits, expert_capacity, *, importance=None):
+    """Top-2 gating of tensor2tensor's `_truncated_top_2_gating_mtf`.
+
+    First choices queue as top-2's. The second choice avoids experts expected
+    to be full by the token's position: with `k` first choices kept by an
+    expert, it is expected exhausted after position `(c - k) / ((k + 1) / s)`,
+    and tokens after that position do not pick it as second choice. Unlike
+    top-2, gates are renormalised after the first choice lost its place (a
+    token whose first expert was full gets its second at weight ~1).
+
+    Departures from tensor2tensor: no `c <= 256` limit (the queue is counted in
+    float32, not bfloat16); a second choice whose masked gate is <= 0 (every
+    other expert expected exhausted) is not used, where tensor2tensor sent it
+    with a negative weight; importance as top-2 (1: two experts, (0, 1): one,
+    0: none); balance loss as top-2 (tensor2tensor's function returns none).
+
+    Args:
+        logits: `[..., s, e]` router logits, `e >= 2`.
+        expert_capacity: `c`, int >= 1 (or a scalar int tensor).
+        importance: optional `[..., s]` float weights.
+
+    Returns:
+        A `RoutingResult`.
+
+    Example:
+    >>> truncated_top_2_gating(tf.random.normal([2, 16, 4]), 4).combine_tensor.shape
+    TensorShape([2, 16, 4, 4])
+    """
+    logits = _float32_logits(logits, min_experts=2)
+    raw_gates = tf.nn.softmax(logits, axis=-1)
+    mask_1, gate_1 = _top_1(raw_gates)
+    density_1_proxy = raw_gates
+    second_allowed = None
+    if importance is not None:
+        first = _importance_weight(importance, logits, lambda imp: tf.equal(imp, 1.0))
+        second_allowed = _importance_weight(importance, logits, lambda imp: imp > 0.0)
+        mask_1 *= first[..., None]
+        gate_1 *= first
+        density_1_proxy *= first[..., None]
+    aux_loss = _balance_loss(density_1_proxy, mask_1)
+
+    queue = _BufferQueue(expert_capacity)
+    kept_1 = queue.push(mask_1)
+    gate_1 *= tf.reduce_sum(kept_1, axis=-1)
+    count_1 = tf.reduce_sum(kept_1, axis=-2, keepdims=True)  # [..., 1, e]
+    group_size = tf.cast(tf.shape(logits)[-2], tf.float32)
+    space_remaining = tf.cast(expert_capacity, tf.float32) - count_1
+    use_rate = (count_1 + 1.0) / group_size
+    expected_exhaustion = space_remaining / use_rate
+    position = tf.range(group_size)[:, None]  # [s, 1]
+    exhausted = tf.cast(position > expected_exhaustion, tf.float32)
+    mask_2, gate_2 = _top_1(raw_gates - kept_1 - exhausted)
+    mask_2 *= tf.cast(gate_2 > 0.0, tf.float32)[..., None]
+    if second_allowed is not None:
+        mask_2 *= second_allowed[..., None]
+    gate_2 = tf.maximum(gate_2, 0.0)
+    kept_2 = queue.push(mask_2)
+    gate_2 *= tf.reduce_sum(kept_2, axis=-1)
+    denom = gate_1 + gate_2 + _EPSILON
+    queue.gates = [gate_1 / denom, gate_2 / denom]
+    return _result(queue, aux_loss, logits, importance)
+
+
+def noisy_top_k_gating(logits, expert_capacity, *, k=2, noise_stddev=None, importance=None,
+                       seed=None):
+    """Noisy top-k gating of Shazeer et al. 2017 ("Outrageously large ...").
+
+    With `noise_stddev` (training), Gaussian noise `N(0, 1) * noise_stddev` is
+    added to the logits; each token takes its `k` best (noisy) logits and the
+    softmax over those `k` as gates. The auxiliary loss is
+    `cv2(importance) + cv2(load)`: `importance` is each expert's sum of gates,
+    `load` its smooth expected token count, the probability that the expert
+    stays in the token's top `k` under fresh noise (the normal CDF; with no
+    noise, or `k == e`, the count of tokens sent). `cv2(x) = var(x) /
+    (mean(x)^2 + 1e-10)` with the unbiased variance, never a division by a
+    standard deviation, so a perfectly balanced router (e.g. zero-initialised)
+    gives 0 and finite gradients.
+
+    Departures from the reference notebook: the noise is Gaussian (the notebook
+    draws uniform noise); tokens queue into expert buffers of capacity `c` by
+    choice order as top-n (a capacity of `s` drops nothing); importance as
+    top-n (1: `k` experts, (0, 1): the top one, 0: none), and tokens with
+    importance 0 count in neither loss term.
+
+    Args:
+        logits: `[..., s, e]` clean router logits.
+        expert_capacity: `c`, int >= 1 (or a scalar int tensor).
+        k: experts per token, `1 <= k <= e`.
+        noise_stddev: None (no noise) or `[..., s, e]`, the noise scale.
+        importance: optional `[..., s]` float weights.
+        seed: `None`, an int, or a `keras.random.SeedGenerator`.
+
+    Returns:
+        A `RoutingResult`.
+
+    Example:
+    >>> logits = tf.tile(tf.eye(4)[None], [1, 2, 1])  # 8 tokens, 2 favour each expert
+    >>> float(noisy_top_k_gating(logits, 8, k=1).aux_loss)  # perfectly balanced
+    0.0
+    """
+    clean = _float32_logits(logits)
+    num_experts = clean.shape[-1]
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= num_experts:
+        raise ValueError(f"k must be an int in [1, {num_experts}], got {k!r}.")
+    noisy = clean
+    if noise_stddev is not None:
+        noise_stddev = tf.cast(noise_stddev, tf.float32)
+        noisy = clean + _normal(tf.shape(clean), seed) * noise_stddev
+    top_values, top_index = tf.math.top_k(noisy, k=min(k + 1, num_experts))
+    top_gates = tf.nn.softmax(top_values[..., :k], axis=-1)
+
+    queue = _BufferQueue(expert_capacity)
+    gates_full = 0.0
+    counted = _importance_weight(importance, clean, lambda imp: imp > 0.0)
+    for j in range(k):
+        mask = tf.one_hot(top_index[..., j], num_experts, dtype=tf.float32)
+        if importance is not None:
+            keep = _importance_weight(
+                importance, clean,
+                (lambda imp: imp > 0.0) if j == 0 else (lambda imp: tf.equal(imp, 1.0)))
+            mask *= keep[..., None]
+        gates_full += top_gates[..., j, None] * mask
+        queue.push(mask, top_gates[..., j])
+
+    def per_expert(x):
+        return tf.reduce_sum(tf.reshape(x, [-1, num_experts]), axis=0)
+
+    if noise_stddev is not None and k < num_experts:
+        threshold_if_in = top_values[..., k:k + 1]
+        threshold_if_out = top_values[..., k - 1:k]
+        normal_cdf = lambda z: 0.5 * (1.0 + tf.math.erf(z / 2.0 ** 0.5))  # noqa: E731
+        prob_in = tf.where(noisy > threshold_if_in,
+                           normal_cdf((clean - threshold_if_in) / noise_stddev),
+                           normal_cdf((clean - threshold_if_out) / noise_stddev))
+        load = per_expert(prob_in * counted[..., None])
+    else:
+        load = per_expert(tf.cast(gates_full > 0.0, tf.float32))
+    aux_loss = cv_squared(per_expert(gates_full)) + cv_squared(load)
+    return _result(queue, aux_loss, clean, importance)
+
+
+def cv_squared(x):
+    """Squared coefficient of variation `var(x) / (mean(x)^2 + 1e-10)` of a vector.
+
+    The unbiased variance (as the reference's `torch.var`); 0 for one element.
+    Finite, with finite gradients, when all elements are equal.
+    """
+    x = tf.cast(x, tf.float32)
+    size = x.shape[-1]
+    if size is not None and size < 2:
+        return tf.zeros([], tf.float32)
+    mean = tf.reduce_mean(x)
+    variance = tf.reduce_sum(tf.square(x - mean)) / (float(size) - 1.0)
+    return variance / (tf.square(mean) + 1e-10)
 
 
 def expert_selection_gating(
@@ -293,13 +570,7 @@ def expert_selection_gating(
     [[4.0, 4.0, 4.0, 4.0], [4.0, 4.0, 4.0, 4.0]]
     """
     logits = _float32_logits(logits)
-    if isinstance(expert_capacity, int) and logits.shape[-2] is not None:
-        if expert_capacity > logits.shape[-2]:
-            raise ValueError(
-                f"expert_capacity must be <= the group size {logits.shape[-2]} for "
-                f"expert selection, got {expert_capacity}."
-            )
-    _check_capacity(expert_capacity)
+    _check_capacity_within_group(expert_capacity, logits)
     group_size = tf.shape(logits)[-2]
     selection_logits = logits
     if importance is not None:
@@ -307,10 +578,10 @@ def expert_selection_gating(
         selection_logits = logits - 1e9 * padding[..., None]
     raw_gates = tf.nn.softmax(selection_logits, axis=-2)  # [..., s, e]
 
-    gates_es = tf.einsum("...se->...es", raw_gates)
-    probs, token_index = tf.math.top_k(gates_es, k=expert_capacity)  # [..., e, c]
-    taken = tf.one_hot(token_index, group_size, dtype=tf.float32)  # [..., e, c, s]
-    combine = tf.einsum("...ecs,...ec->...sec", taken, probs)
+    gates = raw_gates
+    if importance is not None:  # an all-padding group has a uniform softmax, not zeros
+        gates *= _importance_weight(importance, logits, lambda imp: imp > 0.0)[..., None]
+    combine = _experts_take_top_c(raw_gates, expert_capacity) * gates[..., None]
     if normalize_by_num_experts_routed:
         num_experts_routed = tf.reduce_sum(
             tf.cast(combine > 0.0, tf.float32), axis=[-2, -1], keepdims=True)
@@ -333,29 +604,54 @@ def expert_selection_gating(
 # the balance loss, the result and its metrics are computed here once.
 
 
-def _queue_in_buffers(choices, expert_capacity):
-    """Places token choices in expert buffers, first come first served.
+class _BufferQueue:
+    """Expert buffers filled first come, first served.
+
+    Each `push` queues one choice of every token of the group (`[..., s, e]`
+    one-hot mask) behind everything pushed before: a token's position is the
+    exclusive cumsum of the mask over `s` plus the slots already taken, and a
+    choice at position `>= c` is dropped.
+    """
+
+    def __init__(self, expert_capacity):
+        _check_capacity(expert_capacity)
+        self.capacity = expert_capacity
+        self.filled = 0.0  # [..., 1, e] slots taken per expert
+        self.requested = 0.0  # [..., s, e] choices before capacity
+        self.slots = []  # [..., s, e, c] one-hot slot of each kept choice
+        self.gates = []  # [..., s] gate of each choice
+
+    def push(self, mask, gate=None):
+        """Queues `mask`; returns the kept part of it."""
+        self.requested += mask
+        position = (tf.cumsum(mask, axis=-2, exclusive=True) + self.filled) * mask
+        kept = mask * tf.cast(position < tf.cast(self.capacity, tf.float32), tf.float32)
+        self.filled += tf.reduce_sum(kept, axis=-2, keepdims=True)
+        slot = tf.one_hot(tf.cast(position, tf.int32), self.capacity, dtype=tf.float32)
+        self.slots.append(kept[..., None] * slot)
+        if gate is not None:
+            self.gates.append(gate)
+        return kept
+
+    def combine(self):
+        """`sum_k gate_k * slot_k`, `[..., s, e, c]`."""
+        return tf.add_n([gate[..., None, None] * slot
+                         for gate, slot in zip(self.gates, self.slots)])
+
+
+def _experts_take_top_c(scores, expert_capacity):
+    """Slot `j` of expert `e` takes the token with the `j`-th highest score.
 
     Args:
-        choices: list of `(mask [..., s, e], gate [..., s])` in queue order:
-            every token's choice k queues behind all choices < k of the group.
-        expert_capacity: `c`.
+        scores: `[..., s, e]`; ties go to the earlier token.
+        expert_capacity: `c <= s`.
 
     Returns:
-        combine `[..., s, e, c]` and the choices before capacity `[..., s, e]`.
+        One-hot `[..., s, e, c]`.
     """
-    _check_capacity(expert_capacity)
-    filled = 0.0  # [..., 1, e] slots already taken per expert
-    combine = 0.0
-    requested = 0.0
-    for mask, gate in choices:
-        requested += mask
-        position = (tf.cumsum(mask, axis=-2, exclusive=True) + filled) * mask
-        mask *= tf.cast(position < tf.cast(expert_capacity, tf.float32), tf.float32)
-        filled += tf.reduce_sum(mask, axis=-2, keepdims=True)
-        slot = tf.one_hot(tf.cast(position, tf.int32), expert_capacity, dtype=tf.float32)
-        combine += (gate[..., None] * mask)[..., None] * slot
-    return combine, requested
+    _, token_index = tf.math.top_k(tf.einsum("...se->...es", scores), k=expert_capacity)
+    taken = tf.one_hot(token_index, tf.shape(scores)[-2], dtype=tf.float32)  # [..., e, c, s]
+    return tf.einsum("...ecs->...sec", taken)
 
 
 def _balance_loss(density_proxy, mask):
@@ -367,6 +663,9 @@ def _balance_loss(density_proxy, mask):
 
 
 def _result(combine, aux_loss, logits, importance, requested=None):
+    """The `RoutingResult`; `combine` may be a `_BufferQueue`."""
+    if isinstance(combine, _BufferQueue):
+        combine, requested = combine.combine(), combine.requested
     dispatch = tf.cast(combine > 0.0, tf.float32)
     return RoutingResult(
         dispatch_tensor=dispatch,
@@ -423,28 +722,42 @@ def _top_1(scores):
     return mask, tf.reduce_sum(scores * mask, axis=-1)
 
 
-def _second_place_policy(mask_2, gate_2, policy, threshold, seed):
+def _second_place_policy(mask, gate, policy, threshold, seed, salt=0):
     if policy == "all":
-        return mask_2
+        return mask
     if policy == "none":
-        return tf.zeros_like(mask_2)
+        return tf.zeros_like(mask)
     if policy == "threshold":
-        keep = gate_2 > threshold
-    else:  # "random": keep with probability min(1, g2 / threshold)
-        keep = _uniform(tf.shape(gate_2), seed) < gate_2 / max(threshold, _EPSILON)
-    return mask_2 * tf.cast(keep, tf.float32)[..., None]
+        keep = gate > threshold
+    else:  # "random": keep with probability min(1, gate / threshold)
+        keep = _uniform(tf.shape(gate), seed, salt=salt) < gate / max(threshold, _EPSILON)
+    return mask * tf.cast(keep, tf.float32)[..., None]
 
 
-def _uniform(shape, seed, minval=0.0):
-    """Uniform samples in `[minval, 1)`, seeded like Keras' random ops."""
+def _uniform(shape, seed, minval=0.0, salt=0):
+    """Uniform samples in `[minval, 1)`, seeded like Keras' random ops.
+
+    `salt` gives different draws for the same int seed.
+    """
     if seed is None:
         return tf.random.uniform(shape, minval=minval, maxval=1.0)
     if isinstance(seed, keras.random.SeedGenerator):
         return tf.cast(keras.random.uniform(shape, minval=minval, maxval=1.0, seed=seed),
                        tf.float32)
     if isinstance(seed, int):
-        seed = [seed, 0]
+        seed = [seed, salt]
     return tf.random.stateless_uniform(shape, seed=seed, minval=minval, maxval=1.0)
+
+
+def _normal(shape, seed):
+    """Standard normal samples, seeded like `_uniform`."""
+    if seed is None:
+        return tf.random.normal(shape)
+    if isinstance(seed, keras.random.SeedGenerator):
+        return tf.cast(keras.random.normal(shape, seed=seed), tf.float32)
+    if isinstance(seed, int):
+        seed = [seed, 0]
+    return tf.random.stateless_normal(shape, seed=seed)
 
 
 def _float32_logits(logits, min_experts=1):
@@ -489,6 +802,15 @@ def _check_choice(argument, value, accepted):
         raise ValueError(
             f"Unknown {argument} {value!r}; accepted: {', '.join(map(repr, accepted))}."
         )
+
+
+def _check_capacity_within_group(expert_capacity, logits):
+    _check_capacity(expert_capacity)
+    if isinstance(expert_capacity, int) and logits.shape[-2] is not None:
+        if expert_capacity > logits.shape[-2]:
+            raise ValueError(
+                f"expert_capacity must be <= the group size {logits.shape[-2]} for this "
+                f"router (each expert picks its top-c tokens), got {expert_capacity}.")
 
 
 def _check_capacity(expert_capacity):
