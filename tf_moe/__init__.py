@@ -34,6 +34,7 @@ _require_tensorflow_backend(_keras.config.backend(), "keras.config.backend()")
 
 from tf_moe import routing  # noqa: E402
 from tf_moe.experts import FeedForwardExperts  # noqa: E402
+from tf_moe.hierarchical import HierarchicalMoELayer, InnerTop2Router  # noqa: E402
 from tf_moe.layers import MoELayer  # noqa: E402
 from tf_moe.routers import (  # noqa: E402
     ExpertSelectionRouter,
@@ -63,6 +64,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ExpertSelectionRouter",
     "FeedForwardExperts",
+    "HierarchicalMoELayer",
+    "InnerTop2Router",
     "MoELayer",
     "NoisyTopKRouter",
     "Router",

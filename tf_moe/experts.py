@@ -24,7 +24,7 @@ class FeedForwardExperts(keras.layers.Layer):
         kernel_initializer: initializer of every kernel. Default: a truncated
             normal with variance `1 / fan_in` of one expert (`1/m` for `wi`,
             `1/h` for `wo`), as Mesh-TF's dense layers.
-        seed: int or None, seeds the dropout.
+        seed: int or None, seeds the kernels (each its own seed) and the dropout.
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -67,11 +67,16 @@ class FeedForwardExperts(keras.layers.Layer):
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def _initializer(self, fan_in):
+    def _initializer(self, fan_in, index):
+        """Initializer of kernel number `index`: each kernel gets its own seed."""
         if self.kernel_initializer is not None:
-            return self.kernel_initializer
+            config = self.kernel_initializer.get_config()
+            if config.get("seed") is not None:
+                config["seed"] += index
+            return type(self.kernel_initializer).from_config(config)
         return keras.initializers.TruncatedNormal(
-            stddev=(1.0 / fan_in) ** 0.5 / 0.87962566103423978, seed=self.seed)
+            stddev=(1.0 / fan_in) ** 0.5 / 0.87962566103423978,
+            seed=None if self.seed is None else self.seed + 1 + index)
 
     def build(self, input_shape):
         if len(input_shape) < 2:
@@ -87,10 +92,11 @@ class FeedForwardExperts(keras.layers.Layer):
         n = self.output_dim or model_dim
         self.wi = [
             self.add_weight(name=f"wi_{k}" if len(self._activations) > 1 else "wi",
-                            shape=(e, model_dim, h), initializer=self._initializer(model_dim))
+                            shape=(e, model_dim, h), initializer=self._initializer(model_dim, k))
             for k in range(len(self._activations))
         ]
-        self.wo = self.add_weight(name="wo", shape=(e, h, n), initializer=self._initializer(h))
+        self.wo = self.add_weight(name="wo", shape=(e, h, n),
+                                  initializer=self._initializer(h, len(self._activations)))
 
     def call(self, inputs, training=None):
         shape = tf.shape(inputs)

@@ -72,6 +72,56 @@ def group_shape(num_tokens, group_size):
     return g, tf.maximum(1, (n + g - 1) // g)
 
 
+def group_tokens(inputs, mask, group_size, layer_name="MoELayer"):
+    """Cuts tokens `[..., m]` into groups `[g, s, m]`, padding with importance 0.
+
+    Args:
+        inputs: `[..., m]` float tensor of rank >= 2; all leading axes are tokens.
+        mask: None or a boolean `[...]`: masked tokens get importance 0.
+        group_size: the largest group, an int >= 1.
+        layer_name: the layer named in error messages.
+
+    Returns:
+        `(tokens [g, s, m], importance [g, s], n, g, s)`, with `n` the number of
+        tokens before padding (Python ints where the shapes are static).
+    """
+    if not inputs.dtype.is_floating:
+        raise TypeError(
+            f"{layer_name} inputs must be floating point, got dtype {inputs.dtype.name}.")
+    if inputs.shape.rank is not None and inputs.shape.rank < 2:
+        raise ValueError(
+            f"{layer_name} inputs must have rank >= 2 ([..., tokens, m]), got shape "
+            f"{inputs.shape}.")
+    model_dim = inputs.shape[-1]
+    tokens = tf.reshape(inputs, [-1, model_dim])
+    num_tokens = tokens.shape[0]
+    if num_tokens is None:
+        num_tokens = tf.shape(tokens)[0]
+    if mask is None:
+        importance = tf.ones(tf.shape(tokens)[:1], tf.float32)
+    else:
+        mask = tf.convert_to_tensor(mask)
+        if not mask.shape.is_compatible_with(inputs.shape[:-1]):
+            raise ValueError(
+                f"mask must have the shape of the inputs without the last axis, "
+                f"{inputs.shape[:-1]}, got {mask.shape}.")
+        importance = tf.reshape(tf.cast(mask, tf.float32), [-1])
+    groups, size = group_shape(num_tokens, group_size)
+    padding = groups * size - num_tokens
+    tokens = tf.pad(tokens, [[0, padding], [0, 0]])
+    importance = tf.pad(importance, [[0, padding]])
+    tokens = tf.reshape(tokens, [groups, size, model_dim])
+    importance = tf.reshape(importance, [groups, size])
+    return tokens, importance, num_tokens, groups, size
+
+
+def ungroup_tokens(grouped, num_tokens, inputs):
+    """`[g, s, k]` back to the leading shape of `inputs`: `[..., k]`."""
+    width = grouped.shape[-1]
+    flat = tf.reshape(grouped, [-1, width])[:num_tokens]
+    return tf.reshape(flat, tf.concat([tf.shape(inputs)[:-1], [width]], axis=0))
+
+
 @keras.saving.register_keras_serializable(package="tf_moe")
 class MoELayer(keras.layers.Layer):
     """A mixture-of-experts feed-forward layer (Mesh-TF `transformer_moe_layer_v1`).
@@ -269,7 +319,8 @@ class MoELayer(keras.layers.Layer):
             self.experts = FeedForwardExperts(
                 self.num_experts, self.expert_hidden_dim or 4 * model_dim,
                 activation=self.activation, output_dim=self.output_dim,
-                dropout_rate=self.expert_dropout_rate, seed=self.seed,
+                dropout_rate=self.expert_dropout_rate,
+                seed=None if self.seed is None else self.seed + 1,  # not the router's stream
                 dtype=self.dtype_policy, name=f"{self.name}_experts")
         if not self.router.built:
             self.router.build((None, None, model_dim))
@@ -278,39 +329,9 @@ class MoELayer(keras.layers.Layer):
 
     # ------------------------------------------------------------------- call
 
-    def _group(self, inputs, mask):
-        """Tokens `[g, s, m]`, importance `[g, s]` and the token count `n`."""
-        if not inputs.dtype.is_floating:
-            raise TypeError(
-                f"MoELayer inputs must be floating point, got dtype {inputs.dtype.name}.")
-        if inputs.shape.rank is not None and inputs.shape.rank < 2:
-            raise ValueError(
-                f"MoELayer inputs must have rank >= 2 ([..., tokens, m]), got shape "
-                f"{inputs.shape}.")
-        model_dim = inputs.shape[-1]
-        tokens = tf.reshape(inputs, [-1, model_dim])
-        num_tokens = tokens.shape[0]
-        if num_tokens is None:
-            num_tokens = tf.shape(tokens)[0]
-        if mask is None:
-            importance = tf.ones(tf.shape(tokens)[:1], tf.float32)
-        else:
-            mask = tf.convert_to_tensor(mask)
-            if not mask.shape.is_compatible_with(inputs.shape[:-1]):
-                raise ValueError(
-                    f"mask must have the shape of the inputs without the last axis, "
-                    f"{inputs.shape[:-1]}, got {mask.shape}.")
-            importance = tf.reshape(tf.cast(mask, tf.float32), [-1])
-        groups, group_size = group_shape(num_tokens, self.group_size)
-        padding = groups * group_size - num_tokens
-        tokens = tf.pad(tokens, [[0, padding], [0, 0]])
-        importance = tf.pad(importance, [[0, padding]])
-        tokens = tf.reshape(tokens, [groups, group_size, model_dim])
-        importance = tf.reshape(importance, [groups, group_size])
-        return tokens, importance, num_tokens, group_size
-
     def _route(self, inputs, mask, training):
-        tokens, importance, num_tokens, group_size = self._group(inputs, mask)
+        tokens, importance, num_tokens, _, group_size = group_tokens(
+            inputs, mask, self.group_size)
         factor = self.capacity_factor_train if training else self.capacity_factor_eval
         capacity = routing.expert_capacity(
             group_size, self.num_experts, factor, self.min_expert_capacity)
@@ -318,19 +339,13 @@ class MoELayer(keras.layers.Layer):
                              training=training)
         return tokens, result, num_tokens
 
-    def _ungroup(self, grouped, num_tokens, inputs):
-        """`[g, s, k]` back to the leading shape of `inputs`: `[..., k]`."""
-        width = grouped.shape[-1]
-        flat = tf.reshape(grouped, [-1, width])[:num_tokens]
-        return tf.reshape(flat, tf.concat([tf.shape(inputs)[:-1], [width]], axis=0))
-
     def call(self, inputs, training=None, mask=None):
         training = bool(training)
         tokens, result, num_tokens = self._route(inputs, mask, training)
         expert_inputs = dispatch.einsum_dispatch(tokens, result.dispatch_tensor)  # [e, g, c, m]
         expert_outputs = self.experts(expert_inputs, training=training)  # [e, g, c, n]
         outputs = dispatch.einsum_combine(expert_outputs, result.combine_tensor)  # [g, s, n]
-        outputs = self._ungroup(outputs, num_tokens, inputs)
+        outputs = ungroup_tokens(outputs, num_tokens, inputs)
 
         loss = result.aux_loss
         if training and self.z_loss_coef:
@@ -372,7 +387,7 @@ class MoELayer(keras.layers.Layer):
         if not self.built:
             self.build(inputs.shape)
         _, result, num_tokens = self._route(inputs, mask, training)
-        gates = self._ungroup(tf.reduce_sum(result.combine_tensor, axis=-1), num_tokens, inputs)
+        gates = ungroup_tokens(tf.reduce_sum(result.combine_tensor, axis=-1), num_tokens, inputs)
         return dict(gates=gates, aux_loss=result.aux_loss, z_loss=result.z_loss,
                     **result.metrics)
 

@@ -228,8 +228,9 @@ def top_n_gating(
                 importance, logits,
                 (lambda imp: imp > 0.0) if k == 1 else (lambda imp: tf.equal(imp, 1.0)))
             mask *= keep[..., None]
-            if k == 0:
+            if k != 1:  # Mesh-TF leaves g2 unmasked; later gates must not dilute
                 gate *= keep
+            if k == 0:
                 density_1_proxy *= keep[..., None]
         if k == 0:
             gates_without_top_1 = raw_gates * (1.0 - mask)
@@ -746,7 +747,8 @@ def _uniform(shape, seed, minval=0.0, salt=0):
                        tf.float32)
     if isinstance(seed, int):
         seed = [seed, salt]
-    return tf.random.stateless_uniform(shape, seed=seed, minval=minval, maxval=1.0)
+    return tf.random.stateless_uniform(shape, seed=seed, minval=minval, maxval=1.0,
+                                       alg="philox")  # same draws with and without XLA
 
 
 def _normal(shape, seed):
@@ -757,7 +759,7 @@ def _normal(shape, seed):
         return tf.cast(keras.random.normal(shape, seed=seed), tf.float32)
     if isinstance(seed, int):
         seed = [seed, 0]
-    return tf.random.stateless_normal(shape, seed=seed)
+    return tf.random.stateless_normal(shape, seed=seed, alg="philox")
 
 
 def _float32_logits(logits, min_experts=1):
