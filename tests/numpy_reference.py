@@ -163,11 +163,12 @@ def top_2(logits, capacity, importance=None, second_policy="all",
             wants_second = imp > 0.0
             if use_second_place_loss:
                 # The second-place loss sees the second choices before the
-                # policy; its proxy (renormalised gates without the top one)
-                # is not masked by importance in Mesh-TF.
+                # policy. tf_moe departure: its proxy (renormalised gates
+                # without the top one) counts only tokens with importance > 0
+                # (Mesh-TF let padding move it).
                 total = sum(without_top) + EPSILON
                 for ei in range(e):
-                    p2_sum[ei] += without_top[ei] / total
+                    p2_sum[ei] += without_top[ei] / total if imp > 0.0 else 0.0
                 if wants_second:
                     d2_cnt[second] += 1.0
             if second_policy == "none":

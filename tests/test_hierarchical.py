@@ -86,11 +86,12 @@ def ref_top_2_group(logits, capacity, importance, policy, threshold,
         else:  # no first choice: the best expert is queued as a second choice
             gate_1, second, gate_2 = 0.0, best, gates[best]
         # Second-place loss: the gates without the (kept) first choice,
-        # renormalised, for every token; the second choices before the policy.
+        # renormalised, for every token with importance > 0 (tf_moe departure:
+        # Mesh-TF counts padding too); the second choices before the policy.
         without_first = [g if (i != best or imp != 1.0) else 0.0 for i, g in enumerate(gates)]
         total = sum(without_first) + EPSILON
         for i in range(e):
-            proxy_2[i] += without_first[i] / total
+            proxy_2[i] += without_first[i] / total if imp > 0.0 else 0.0
         if imp > 0.0:
             density_2[second] += 1.0
         denom = gate_1 + gate_2 + EPSILON

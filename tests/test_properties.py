@@ -36,11 +36,8 @@ ROUTERS = [
     Router("top2-none", "top2", 2, True, _top2("none")),
     Router("top2-threshold", "top2", 2, True, _top2("threshold", second_threshold=0.25)),
     Router("top2-random", "top2", 2, True, _top2("random", second_threshold=0.3)),
-    # Mesh-TF's second-place loss averages its proxy (the renormalised gates
-    # without the top one) over every token, padding included, so the padding
-    # tokens' logits move aux_loss there (tf_moe keeps this; see test_routing).
     Router("top2-all-second-place-loss", "top2", 2, True,
-           _top2("all", use_second_place_loss=True), aux_ignores_padding=False),
+           _top2("all", use_second_place_loss=True)),
     Router("switch-argmax", "switch", 1, True,
            lambda logits, c, imp, seed: routing.switch_gating(logits, c, importance=imp)),
     Router("switch-sample", "switch", 1, True,

@@ -150,7 +150,8 @@ def top_2_gating(
             probability `min(1, g2 / second_threshold)`).
         second_threshold: float, see `second_policy`.
         use_second_place_loss: add half of the same balance loss computed on
-            the second choices (renormalised gates without the top one).
+            the second choices (renormalised gates without the top one; unlike
+            Mesh-TF, tokens with importance 0 do not count in it).
         seed: `None`, an int, or a `keras.random.SeedGenerator`, for `"random"`.
 
     Returns:
@@ -186,8 +187,9 @@ def top_n_gating(
     group. `second_policy` applies to every choice `k >= 2`, each with its own
     gate (and its own random draw). Balance loss as top-2 on the first choices;
     with `use_second_place_loss`, half the same loss on the second choices.
-    Departure from Mesh-TF: the second-place loss uses the second choice (Mesh-TF
-    indexes the wrong one).
+    Departures from Mesh-TF: the second-place loss uses the second choice
+    (Mesh-TF indexes the wrong one), and its proxy counts only tokens with
+    importance > 0 (in Mesh-TF padding moved it).
 
     Importance: 1 gives up to `n` experts, `0 < imp < 1` at most one (its top
     expert, queued as a second choice, as top-2), 0 none.
@@ -244,6 +246,8 @@ def top_n_gating(
     if use_second_place_loss:
         normalized = gates_without_top_1 / (
             tf.reduce_sum(gates_without_top_1, axis=-1, keepdims=True) + _EPSILON)
+        if importance is not None:  # departure: padding must not move the loss
+            normalized *= _importance_weight(importance, logits, lambda imp: imp > 0.0)[..., None]
         aux_loss += 0.5 * _balance_loss(normalized, masks[1])
 
     queue = _BufferQueue(expert_capacity)
