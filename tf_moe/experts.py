@@ -4,6 +4,15 @@ import keras
 import tensorflow as tf
 
 
+def serialize_activation(activation):
+    """An activation argument (name, callable or list of them) for `get_config`."""
+    if isinstance(activation, (list, tuple)):
+        return [serialize_activation(a) for a in activation]
+    if callable(activation):
+        return keras.activations.serialize(activation)
+    return activation
+
+
 @keras.saving.register_keras_serializable(package="tf_moe")
 class FeedForwardExperts(keras.layers.Layer):
     """`e` two-layer feed-forward experts, batched: `[e, ..., m] -> [e, ..., n]`.
@@ -115,16 +124,10 @@ class FeedForwardExperts(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        activation = self.activation
-        if callable(activation):
-            activation = keras.activations.serialize(activation)
-        elif isinstance(activation, (list, tuple)):
-            activation = [a if isinstance(a, str) else keras.activations.serialize(a)
-                          for a in activation]
         config.update(
             num_experts=self.num_experts,
             hidden_dim=self.hidden_dim,
-            activation=activation,
+            activation=serialize_activation(self.activation),
             output_dim=self.output_dim,
             dropout_rate=self.dropout_rate,
             kernel_initializer=(keras.initializers.serialize(self.kernel_initializer)

@@ -23,6 +23,7 @@ import keras
 import tensorflow as tf
 
 from tf_moe import routing
+from tf_moe.experts import serialize_activation
 from tf_moe.layers import (
     METRICS,
     _check_int,
@@ -520,12 +521,6 @@ class HierarchicalMoELayer(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        activation = self.activation
-        if callable(activation):
-            activation = keras.activations.serialize(activation)
-        elif isinstance(activation, (list, tuple)):
-            activation = [a if isinstance(a, str) else keras.activations.serialize(a)
-                          for a in activation]
         config.update(
             num_experts=list(self.num_experts),
             expert_hidden_dim=self.expert_hidden_dim,
@@ -536,7 +531,7 @@ class HierarchicalMoELayer(keras.layers.Layer):
             min_expert_capacity=self.min_expert_capacity,
             loss_coef=self.loss_coef,
             z_loss_coef=self.z_loss_coef,
-            activation=activation,
+            activation=serialize_activation(self.activation),
             output_dim=self.output_dim,
             expert_dropout_rate=self.expert_dropout_rate,
             second_policy_train=self.second_policy_train,

@@ -4,7 +4,7 @@ import keras
 import tensorflow as tf
 
 from tf_moe import dispatch, routing
-from tf_moe.experts import FeedForwardExperts
+from tf_moe.experts import FeedForwardExperts, serialize_activation
 from tf_moe.routers import ROUTERS, Router
 
 # For each router name, which MoELayer arguments become which router arguments.
@@ -412,7 +412,7 @@ class MoELayer(keras.layers.Layer):
             min_expert_capacity=self.min_expert_capacity,
             loss_coef=self.loss_coef,
             z_loss_coef=self.z_loss_coef,
-            activation=self.activation,
+            activation=serialize_activation(self.activation),
             output_dim=self.output_dim,
             experts=(keras.saving.serialize_keras_object(self.experts)
                      if self._custom_experts else None),
