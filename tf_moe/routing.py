@@ -460,9 +460,10 @@ def noisy_top_k_gating(logits, expert_capacity, *, k=2, noise_stddev=None, impor
 
     Departures from the reference notebook: the noise is Gaussian (the notebook
     draws uniform noise); tokens queue into expert buffers of capacity `c` by
-    choice order as top-n (a capacity of `s` drops nothing); importance as
-    top-n (1: `k` experts, (0, 1): the top one, 0: none), and tokens with
-    importance 0 count in neither loss term.
+    choice order as top-n (a capacity of `s` drops nothing); importance 1
+    gives `k` experts, `0 < imp < 1` only the top one (queued with the first
+    choices, at its top-k softmax weight), 0 none; tokens with importance 0
+    count in neither loss term.
 
     Args:
         logits: `[..., s, e]` clean router logits.
