@@ -323,3 +323,32 @@ def test_seeded_kernels_are_distinct():
                             seed=5)
     again.build((None, 3, 8))
     np.testing.assert_array_equal(again.experts.wi[0].numpy(), wi_0)
+
+
+def test_glu_experts_match_numpy():
+    experts = tf_moe.FeedForwardExperts(3, 5, activation=["gelu", "linear"], output_dim=2, seed=1)
+    x = np.random.default_rng(0).normal(size=(3, 2, 4, 6)).astype("float32")
+    y = experts(x).numpy()
+    wi_0, wi_1 = (w.numpy().astype(np.float64) for w in experts.wi)
+    wo = experts.wo.numpy().astype(np.float64)
+    erf = np.vectorize(__import__("math").erf)
+    for e in range(3):
+        a = x[e].astype(np.float64) @ wi_0[e]
+        gelu = 0.5 * a * (1.0 + erf(a / np.sqrt(2.0)))
+        expected = (gelu * (x[e] @ wi_1[e])) @ wo[e]
+        np.testing.assert_allclose(y[e], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_expert_dropout_only_in_training():
+    experts = tf_moe.FeedForwardExperts(2, 64, dropout_rate=0.5, seed=0)
+    x = tf.ones([2, 1, 8, 4])
+    np.testing.assert_array_equal(experts(x).numpy(), experts(x).numpy())
+    hidden = tf.nn.relu(tf.einsum("etm,emh->eth", tf.reshape(x, [2, -1, 4]), experts.wi[0]))
+    live = float(tf.reduce_mean(tf.cast(hidden > 0, tf.float32)))
+    assert live > 0.1
+    trained = experts(x, training=True).numpy()
+    assert not np.allclose(trained, experts(x).numpy())
+    # Mesh-TF's moe_dropout_rate through the layer argument.
+    layer = tf_moe.MoELayer(num_experts=2, expert_dropout_rate=0.3)
+    layer.build((None, 4, 4))
+    assert layer.experts.dropout_rate == 0.3
