@@ -51,6 +51,28 @@ ROUTERS = [
     Router("expert-selection-raw", "expert_selection", None, False,
            lambda logits, c, imp, seed: routing.expert_selection_gating(
                logits, c, importance=imp, normalize_by_num_experts_routed=False)),
+    Router("top-n-all", "top2", 3, True,
+           lambda logits, c, imp, seed: routing.top_n_gating(
+               logits, c, n=min(3, logits.shape[-1]), importance=imp, second_policy="all")),
+    Router("top-n-random", "top2", 3, True,
+           lambda logits, c, imp, seed: routing.top_n_gating(
+               logits, c, n=min(3, logits.shape[-1]), importance=imp, second_policy="random",
+               second_threshold=0.3, seed=seed)),
+    Router("switch-explore", "switch", 1, True,
+           lambda logits, c, imp, seed: routing.switch_gating(
+               logits, c, importance=imp, second_place_expert_prob=0.5, seed=seed)),
+    Router("switch-max", "switch", 1, True,
+           lambda logits, c, imp, seed: routing.switch_max_gating(logits, c, importance=imp)),
+    Router("truncated-top-2", "truncated", 2, True,
+           lambda logits, c, imp, seed: routing.truncated_top_2_gating(
+               logits, c, importance=imp)),
+    Router("noisy-top-k-train", "noisy", 2, True,
+           lambda logits, c, imp, seed: routing.noisy_top_k_gating(
+               logits, c, k=2, importance=imp, seed=seed,
+               noise_stddev=np.full(logits.shape, 0.5, np.float32))),
+    Router("noisy-top-k-eval", "noisy", 2, True,
+           lambda logits, c, imp, seed: routing.noisy_top_k_gating(
+               logits, c, k=2, importance=imp)),
 ]
 BY_NAME = {r.name: r for r in ROUTERS}
 STRUCTURE_ROUTERS = [r.name for r in ROUTERS if r.name != "top2-all-second-place-loss"]
