@@ -1,0 +1,305 @@
+"""Distributed checks of tf_moe, run in a subprocess by tests/test_distribute.py.
+
+Logical CPU devices can only be configured before TensorFlow initialises, so
+each run is its own process:
+
+    python tests/distribute_checks.py DEVICES CHECK [CHECK ...]
+
+prints one JSON line per check, `{"check": ..., "ok": ..., ...}`, with the
+numbers the test asserts on (maximum differences against the single-device
+layer). `python tests/distribute_checks.py worker OUT.npz [ep]` is one worker
+of the multi-worker test (it reads `TF_CONFIG`, saves its final weights to
+`OUT.npz`; `ep`: expert parallelism across the workers).
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+if __name__ == "__main__" and sys.argv[1] != "worker":
+    _cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        _cpu, [tf.config.LogicalDeviceConfiguration()] * int(sys.argv[1]))
+
+import keras  # noqa: E402
+
+import tf_moe  # noqa: E402
+
+MODEL_DIM, LENGTH, PER_REPLICA = 8, 16, 2  # per replica: 2 sequences of 16 tokens
+
+# Deterministic routing in training (no random second choice, no jitter), a
+# capacity small enough to drop tokens, and a group per sequence.
+LAYERS = {
+    "top_2": lambda ep, **kw: tf_moe.MoELayer(
+        num_experts=4, expert_hidden_dim=16, group_size=8, capacity_factor_train=1.0,
+        min_expert_capacity=2, second_policy_train="all", second_policy_eval="all",
+        z_loss_coef=1e-1, seed=1,
+        expert_parallel=ep, **kw),
+    "switch": lambda ep, **kw: tf_moe.MoELayer(
+        num_experts=8, expert_hidden_dim=16, router="switch", group_size=8,
+        capacity_factor_train=1.0, min_expert_capacity=1, switch_policy_train="argmax",
+        seed=2, expert_parallel=ep, **kw),
+    "expert_selection": lambda ep, **kw: tf_moe.MoELayer(
+        num_experts=4, expert_hidden_dim=16, router="expert_selection", group_size=8,
+        switch_policy_train="argmax", min_expert_capacity=2, seed=3, expert_parallel=ep, **kw),
+    "hierarchical": lambda ep, **kw: tf_moe.HierarchicalMoELayer(
+        num_experts=(2, 4), expert_hidden_dim=16, group_size=8, second_policy_train="all",
+        second_policy_eval="all",
+        min_expert_capacity=2, z_loss_coef=1e-1, seed=4, expert_parallel=ep, **kw),
+}
+
+
+def _emit(check, **values):
+    values = {k: (float(v) if isinstance(v, (np.floating, np.ndarray)) else v)
+              for k, v in values.items()}
+    print(json.dumps(dict(check=check, **values)), flush=True)
+
+
+def _max_diff(a, b):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) if np.size(a) else 0.0
+
+
+def _pair(name):
+    """The single-device layer and an expert-parallel twin with the same weights."""
+    single, parallel = LAYERS[name](False), LAYERS[name](True)
+    single.build((None, LENGTH, MODEL_DIM))
+    parallel.build((None, LENGTH, MODEL_DIM))
+    parallel.set_weights(single.get_weights())
+    return single, parallel
+
+
+def _objective(outputs, probe):
+    """A scalar of the outputs that weighs every output coordinate differently."""
+    return tf.reduce_sum(tf.cast(outputs, tf.float32) * probe)
+
+
+def check_expert_parallel(name, strategy, training=True, jit_compile=False):
+    """Outputs, losses and gradients of the expert-parallel layer vs one device.
+
+    Replica `i` gets rows `[i * PER_REPLICA, (i + 1) * PER_REPLICA)` of the
+    global batch; the reference runs the single-device layer on each such
+    slice. The gradient compared is that of `sum_i (objective_i + loss_i)`:
+    each replica differentiates its own term and the strategy sums them.
+    """
+    r = strategy.num_replicas_in_sync
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(r * PER_REPLICA, LENGTH, MODEL_DIM)).astype("float32")
+    probe = rng.normal(size=(PER_REPLICA, LENGTH, MODEL_DIM)).astype("float32")
+    with strategy.scope():
+        single, parallel = _pair(name)
+
+    outputs_ref, grads_ref = [], None
+    for i in range(r):
+        with tf.GradientTape() as tape:
+            out = single(x[i * PER_REPLICA:(i + 1) * PER_REPLICA], training=training)
+            loss = tf.add_n(single.losses)
+            total = _objective(out, probe) + loss
+        grads = tape.gradient(total, single.trainable_weights)
+        grads_ref = grads if grads_ref is None else [a + b for a, b in zip(grads_ref, grads)]
+        outputs_ref.append(out.numpy())
+
+    dataset = tf.data.Dataset.from_tensor_slices(x).batch(r * PER_REPLICA)
+    batch = next(iter(strategy.experimental_distribute_dataset(dataset)))
+
+    @tf.function(jit_compile=jit_compile)
+    def step(inputs):
+        with tf.GradientTape() as tape:
+            out = parallel(inputs, training=training)
+            loss = tf.add_n(parallel.losses)
+            total = _objective(out, probe) + loss
+        grads = tape.gradient(total, parallel.trainable_weights)
+        return out, loss, grads
+
+    out, _, grads = strategy.run(step, args=(batch,))
+    outputs = np.concatenate([t.numpy() for t in strategy.experimental_local_results(out)])
+    grads = [strategy.reduce("SUM", g, axis=None).numpy() for g in grads]
+    # The router metrics (balance loss, z-loss, dropped, max load): each
+    # tracker is the mean over the replicas, as over the single-device calls.
+    metrics_err = max(abs(float(single._metric_trackers[k].result())
+                          - float(parallel._metric_trackers[k].result()))
+                      for k in single._metric_trackers)
+    _emit(f"expert_parallel_{name}{'_jit' if jit_compile else ''}", replicas=r,
+          output_err=_max_diff(outputs, np.concatenate(outputs_ref)),
+          metrics_err=metrics_err,
+          grad_err=max(_max_diff(a, b) for a, b in zip(grads, grads_ref)),
+          grad_scale=max(float(np.max(np.abs(g))) for g in grads),
+          output_scale=float(np.max(np.abs(outputs))))
+
+
+def check_errors(strategy):
+    """Clear errors: `e % r != 0`, and a cross-replica call."""
+    r = strategy.num_replicas_in_sync
+    messages = {}
+    with strategy.scope():
+        layer = tf_moe.MoELayer(num_experts=r + 1, expert_parallel=True)
+        layer.build((None, LENGTH, MODEL_DIM))
+
+    @tf.function
+    def step(inputs):
+        return layer(inputs)
+
+    try:
+        strategy.run(step, args=(tf.zeros([PER_REPLICA, LENGTH, MODEL_DIM]),))
+    except ValueError as error:
+        messages["divisible"] = str(error)
+    with strategy.scope():
+        layer = tf_moe.MoELayer(num_experts=r, expert_parallel=True)
+        try:
+            layer(tf.zeros([PER_REPLICA, LENGTH, MODEL_DIM]))
+        except RuntimeError as error:
+            messages["cross_replica"] = str(error)
+    _emit("errors", replicas=r, **messages)
+
+
+def _task(num_batches, batch_size, seed=0):
+    """Tokens in 4 clusters; the label of a token is a rule of its cluster."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(4, MODEL_DIM)) * 3
+    cluster = rng.integers(0, 4, size=(num_batches * batch_size, LENGTH))
+    x = centers[cluster] + rng.normal(size=cluster.shape + (MODEL_DIM,))
+    y = (np.einsum("blm,blm->bl", x, centers[(cluster + 1) % 4]) > 0).astype("int32")
+    return x.astype("float32"), y
+
+
+def _model(layer):
+    model = keras.Sequential([keras.Input((LENGTH, MODEL_DIM)), layer, keras.layers.Dense(2)])
+    return model
+
+
+def _compile(model, optimizer="adam", jit_compile=False):
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=jit_compile)
+
+
+def check_fit(strategy, name, expert_parallel, jit_compile=False, epochs=6):
+    """`model.fit` under `strategy` lowers the loss; finite router metrics."""
+    r = strategy.num_replicas_in_sync
+    x, y = _task(16, r * PER_REPLICA)
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = _model(LAYERS[name](expert_parallel))
+        _compile(model, keras.optimizers.Adam(1e-2), jit_compile=jit_compile)
+    history = model.fit(x, y, batch_size=r * PER_REPLICA, epochs=epochs, verbose=0,
+                        shuffle=False)
+    losses = history.history["loss"]
+    metrics = {k: v[-1] for k, v in history.history.items() if k != "loss"}
+    _emit(f"fit_{name}_{'ep' if expert_parallel else 'dp'}{'_jit' if jit_compile else ''}",
+          replicas=r, first_loss=losses[0], last_loss=losses[-1],
+          finite=bool(np.all(np.isfinite(losses + list(metrics.values())))),
+          jit=bool(model.jit_compile), **metrics)
+
+
+def check_data_parallel_match(strategy, name):
+    """evaluate() and one SGD step under `strategy` vs one device, same global batch.
+
+    Each replica's tokens are whole groups (group_size divides the per-replica
+    token count), so the single device routes the same groups.
+    """
+    r = strategy.num_replicas_in_sync
+    x, y = _task(1, r * PER_REPLICA, seed=1)
+    keras.utils.set_random_seed(0)
+    single = _model(LAYERS[name](False, name="moe"))
+    _compile(single, keras.optimizers.SGD(0.1))
+    with strategy.scope():
+        replicated = _model(LAYERS[name](False, name="moe"))
+        _compile(replicated, keras.optimizers.SGD(0.1))
+    replicated.set_weights(single.get_weights())
+    kwargs = dict(batch_size=r * PER_REPLICA, verbose=0, return_dict=True)
+    ev_single, ev_replicated = single.evaluate(x, y, **kwargs), replicated.evaluate(x, y, **kwargs)
+    # The mean over replicas of each replica's max_load, from the single device.
+    layer = single.layers[0]
+    prefix = "outer_" if name == "hierarchical" else ""  # its metric: moe_outer_max_load
+    per_replica_max_load = np.mean([
+        float(layer.route(x[i * PER_REPLICA:(i + 1) * PER_REPLICA])[f"{prefix}max_load"])
+        for i in range(r)])
+    with strategy.scope():  # the same with expert parallelism
+        parallel = _model(LAYERS[name](True, name="moe"))
+        _compile(parallel, keras.optimizers.SGD(0.1))
+    parallel.set_weights(single.get_weights())
+    ev_parallel = parallel.evaluate(x, y, **kwargs)
+    for model in (single, replicated, parallel):
+        model.fit(x, y, batch_size=r * PER_REPLICA, epochs=1, verbose=0, shuffle=False)
+    weight_err = {
+        label: max(_max_diff(a, b) for a, b in zip(single.get_weights(), model.get_weights()))
+        for label, model in (("dp", replicated), ("ep", parallel))}
+    keys = sorted(ev_single)
+    _emit(f"data_parallel_{name}", replicas=r,
+          errors={k: abs(ev_single[k] - ev_replicated[k]) for k in keys
+                  if not k.endswith("max_load")},
+          ep_errors={k: abs(ev_single[k] - ev_parallel[k]) for k in keys
+                     if not k.endswith("max_load")},
+          single=ev_single, replicated=ev_replicated, parallel=ev_parallel,
+          per_replica_max_load=per_replica_max_load, weight_err=weight_err)
+
+
+class _MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """`MultiWorkerMirroredStrategy` whose `reduce` takes what Keras 3 passes it.
+
+    Keras 3 (3.15, TF 2.21) `model.fit` calls `strategy.reduce` in two ways
+    that `MultiWorkerMirroredStrategy` rejects once there are several workers
+    (tensorflow/tensorflow#72388), even for a Dense-only model:
+    `_maybe_symbolic_build` reduces the whole `(x, y)` batch at once (a nest:
+    MirroredStrategy maps over it, the collective strategy converts the tuple
+    to a tensor, "Attempt to convert a value (PerReplica...)"), and
+    `reduce_per_replica` reduces the scalar logs of every step with `axis=0`
+    ("Invalid reduction dimension 0 for input with 0 dimensions"). This
+    reduces each leaf of a nest, and a scalar across replicas only.
+    """
+
+    def reduce(self, reduce_op, value, axis=None):
+        def leaf(v):
+            local = self.experimental_local_results(v)[0] if isinstance(
+                v, tf.distribute.DistributedValues) else tf.convert_to_tensor(v)
+            return super(_MultiWorkerStrategy, self).reduce(
+                reduce_op, v, None if local.shape.rank == 0 else axis)
+        return tf.nest.map_structure(leaf, value)
+
+
+def run_worker(path, expert_parallel=False):
+    """One worker of the multi-worker test: fit a few steps, save the weights to `path`."""
+    strategy = _MultiWorkerStrategy()
+    x, y = _task(4, 2 * PER_REPLICA)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(2 * PER_REPLICA).with_options(
+        options)
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = _model(LAYERS["top_2"](expert_parallel))
+        _compile(model, keras.optimizers.Adam(1e-2))
+    history = model.fit(dataset, epochs=2, verbose=0)
+    weights = model.get_weights()
+    np.savez(path, *weights)
+    _emit("worker", task=json.loads(os.environ["TF_CONFIG"])["task"]["index"],
+          replicas=strategy.num_replicas_in_sync, loss=history.history["loss"],
+          checksum=float(sum(np.sum(np.abs(w.astype("float64"))) for w in weights)),
+          weights=[w.ravel()[:8].tolist() for w in weights])
+
+
+def main(argv):
+    if argv[0] == "worker":
+        return run_worker(argv[1], expert_parallel=argv[2:] == ["ep"])
+    devices = int(argv[0])
+    strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(devices)])
+    for check in argv[1:]:
+        kind, _, arg = check.partition(":")
+        if kind in ("expert_parallel", "expert_parallel_jit"):
+            check_expert_parallel(arg, strategy, jit_compile=kind.endswith("jit"))
+        elif kind == "errors":
+            check_errors(strategy)
+        elif kind in ("fit_dp", "fit_ep", "fit_dp_jit", "fit_ep_jit"):
+            check_fit(strategy, arg, kind.startswith("fit_ep"), jit_compile=kind.endswith("jit"))
+        elif kind == "data_parallel":
+            check_data_parallel_match(strategy, arg)
+        else:
+            raise ValueError(f"Unknown check {check!r}.")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

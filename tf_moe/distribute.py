@@ -1,0 +1,378 @@
+"""Expert placement across `tf.distribute` replicas and TPU cores.
+
+Data parallelism needs nothing from this module: under any strategy each
+replica routes its own groups, runs every expert on them, and the strategy
+all-reduces the gradients. This module adds the two ways of splitting the
+experts themselves.
+
+Expert parallelism (`expert_parallel=True` on the layers, `run_experts`
+here). With `r` replicas and `e % r == 0`, replica `i` owns experts
+`[i * e/r, (i + 1) * e/r)`:
+
+```
+expert_inputs [e, g, c, m]              each replica: its own groups, every expert
+  -> [r, e/r, g, c, m]                  row j: the tokens for replica j's experts
+  -> all_to_all                         row j: replica j's tokens for my experts
+  -> einsum("regcm->ergcm") -> [e/r, r*g, c, m]
+  experts, local slice of wi [e/r, m, h], wo [e/r, h, n] -> [e/r, r*g, c, n]
+  -> [r, e/r, g, c, n] -> all_to_all -> [e, g, c, n]   each replica: its own groups back
+```
+
+Routing is untouched: the `[e, g, c, m]` buffers of a replica hold the
+replica's own groups, so every routing decision is the one a single device
+makes for the same per-replica batch; only the expert computation moves.
+The all-to-all is its own adjoint (the exchange is a permutation of blocks
+that is its own inverse), so its gradient is the all-to-all of the
+gradients, and `all_to_all` defines it that way on every platform.
+
+The weights: under `MirroredStrategy` and `MultiWorkerMirroredStrategy`
+every replica still stores (and the optimizer still updates) all `e`
+experts; expert parallelism divides the experts' FLOPs and activation
+memory by `r`, not the weight memory. The weight gradient of an expert
+comes only from the replica that owns it (the others contribute zeros to the
+all-reduce), which is exactly the sum over replicas that data parallelism
+computes, so the update is the same.
+
+TPU sharding (`shard_expert_axis`). Under `TPUStrategy` with several
+logical devices per replica (a `DeviceAssignment` with
+`computation_shape` > 1 core, best with
+`experimental_spmd_xla_partitioning=True`), the expert axis of the
+dispatched tokens `[e, g, c, m]`, of the reads of the expert weights and of
+the outputs is annotated with `strategy.experimental_split_to_logical_devices`:
+XLA's SPMD partitioner then splits the expert einsums so each of the `k`
+cores of a replica computes `e/k` experts (GShard's annotation on
+Mesh-TF's `experts` dimension). The annotated tensors, and the weight
+gradients XLA derives from them, are sharded across the replica's cores;
+whether TensorFlow's TPU bridge also stores each variable sharded (rather
+than one full copy per core) depends on its inferring the argument sharding
+from the annotated reads, which was not observed here: no TPU was available,
+so this path is built and documented but was never run.
+"""
+
+import contextlib
+import itertools
+
+import keras
+import tensorflow as tf
+from keras.src.backend.common.stateless_scope import get_stateless_scope, in_stateless_scope
+from keras.src.backend.common.symbolic_scope import in_symbolic_scope
+from tensorflow.python.distribute import cross_device_utils
+from tensorflow.python.ops import collective_ops
+from tensorflow.python.tpu.ops import tpu_ops
+
+# Group keys of the NCCL all-to-all: far above the keys the strategies use
+# (they start at 1), the same on every worker because it is a constant.
+_COLLECTIVE_KEYS = cross_device_utils.CollectiveKeys(group_key_start=1 << 20)
+
+
+def _strategy():
+    return tf.distribute.get_strategy()
+
+
+def _is_tpu_strategy(strategy):
+    return isinstance(strategy, (tf.distribute.TPUStrategy,
+                                 tf.distribute.experimental.TPUStrategy))
+
+
+def tpu_cores_per_replica(strategy=None):
+    """Logical TPU devices of each replica (1 outside a TPUStrategy)."""
+    strategy = strategy or _strategy()
+    if not _is_tpu_strategy(strategy):
+        return 1
+    return int(strategy.extended._tpu_devices.shape[1])  # no public accessor
+
+
+def all_to_all_implementation(strategy=None):
+    """Which all-to-all `all_to_all` uses under `strategy`.
+
+    Returns:
+        `"tpu"` (the TPU `AllToAll` op) under a TPUStrategy; `"nccl"`
+        (TensorFlow's collective all-to-all, NCCL on GPUs) when every replica
+        device of this worker is a GPU; `"all_gather"` otherwise: the portable
+        exchange built from `ReplicaContext.all_gather`, which works on CPU
+        devices (TensorFlow's CPU collective all-to-all does not complete on
+        CPU devices in one process) at `r` times the traffic of a true
+        all-to-all.
+    """
+    strategy = strategy or _strategy()
+    if _is_tpu_strategy(strategy):
+        return "tpu"
+    devices = getattr(strategy.extended, "worker_devices", ())
+    if devices and all(tf.DeviceSpec.from_string(d).device_type == "GPU" for d in devices):
+        return "nccl"
+    return "all_gather"
+
+
+def _exchange(blocks, context, implementation):
+    """The all-to-all without a gradient: `blocks[j]` goes to replica `j`."""
+    r = context.num_replicas_in_sync
+    if implementation == "tpu":
+        return tpu_ops.all_to_all(blocks, concat_dimension=0, split_dimension=0,
+                                  split_count=r)
+    if implementation == "nccl":
+        devices = tuple(_strategy().extended.worker_devices)
+        group_key = _COLLECTIVE_KEYS.get_group_key(devices)
+        device = devices[_local_replica_index(context, len(devices))]
+        instance_key = _COLLECTIVE_KEYS.get_instance_key(group_key, device)
+        with tf.device(device):
+            return collective_ops.all_to_all_v2(
+                blocks, group_size=r, group_key=group_key, instance_key=instance_key,
+                communication_hint="nccl")
+    # Portable: everyone gathers everyone's blocks [r (from), r (to), ...]
+    # and keeps the column addressed to it.
+    gathered = context.all_gather(blocks[None], axis=0)  # [r, r, ...]
+    return tf.gather(gathered, _replica_id(context), axis=1)
+
+
+def _local_replica_index(context, num_local):
+    replica_id = tf.get_static_value(context.replica_id_in_sync_group)
+    return int(replica_id) % num_local
+
+
+def _replica_id(context):
+    return tf.cast(context.replica_id_in_sync_group, tf.int32)
+
+
+def all_to_all(blocks, context=None):
+    """Exchanges blocks between replicas: `blocks[j]` is sent to replica `j`.
+
+    Must run inside a replica context (`strategy.run`, `model.fit`) with the
+    same `blocks` shape on every replica. The gradient is the all-to-all of
+    the gradients: the exchange is its own adjoint.
+
+    Args:
+        blocks: `[r, ...]` tensor, `r` the number of replicas in sync.
+        context: the replica context; default: the current one.
+
+    Returns:
+        `[r, ...]`: row `j` is the block replica `j` sent to this replica.
+
+    Example:
+    >>> strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    >>> def step():
+    ...     i = tf.distribute.get_replica_context().replica_id_in_sync_group
+    ...     return all_to_all(10 * tf.cast(i, tf.float32) + tf.range(2.0))
+    >>> strategy.run(step)  # replica 0: [0, 10], replica 1: [1, 11]
+    PerReplica:{
+      0: <tf.Tensor: shape=(2,), dtype=float32, numpy=array([ 0., 10.], dtype=float32)>,
+      1: <tf.Tensor: shape=(2,), dtype=float32, numpy=array([ 1., 11.], dtype=float32)>
+    }
+    """
+    context = context or tf.distribute.get_replica_context()
+    if context is None:
+        raise RuntimeError("all_to_all must run in a replica context (inside strategy.run).")
+    r = context.num_replicas_in_sync
+    if blocks.shape[0] != r:
+        raise ValueError(f"all_to_all needs [r={r}, ...] blocks, got shape {blocks.shape}.")
+    implementation = all_to_all_implementation()
+
+    @tf.custom_gradient
+    def exchange(x):
+        def grad(dy):
+            return _exchange(dy, tf.distribute.get_replica_context() or context,
+                             implementation)
+        return _exchange(x, context, implementation), grad
+
+    return exchange(blocks)
+
+
+def _expert_variables(experts, expert_shape):
+    """Floating weights of `experts` whose leading axes are the expert axes."""
+    k = len(expert_shape)
+    return [v for v in getattr(experts, "weights", [])
+            if v.dtype is not None and keras.backend.is_float_dtype(v.dtype)
+            and len(v.shape) > k and tuple(v.shape[:k]) == tuple(expert_shape)]
+
+
+def _owner(experts):
+    """The Keras layer whose state `experts` (a layer or a bound method) uses."""
+    owner = getattr(experts, "__self__", experts)
+    return owner if isinstance(owner, keras.layers.Layer) else None
+
+
+@contextlib.contextmanager
+def _substituted(experts, values):
+    """Within: each variable `v` of `values` reads as `values[v]` (any shape).
+
+    A Keras `StatelessScope` does the substitution; state updates made inside
+    (the dropout seed generator) are applied when the block ends, and an
+    enclosing stateless scope keeps working.
+    """
+    outer = get_stateless_scope() if in_stateless_scope() else None
+    scope = keras.StatelessScope()
+    if outer is not None:
+        scope.state_mapping.update(outer.state_mapping)
+    for variable, value in values:
+        scope.add_update((variable, value))  # add_update does not check shapes
+    substituted = {id(variable) for variable, _ in values}
+    with scope:
+        yield
+    owner = _owner(experts)
+    for variable in owner.variables if owner is not None else []:
+        if id(variable) in substituted:
+            continue
+        value = scope.get_current_value(variable)
+        if value is None:
+            continue
+        if outer is not None:
+            outer.add_update((variable, value))
+        else:
+            variable.assign(value)
+
+
+def _expert_partition(expert_shape, cores):
+    """Splits of each expert axis whose product is `cores`, or None."""
+    for splits in itertools.product(*[range(1, cores + 1)] * len(expert_shape)):
+        product = 1
+        for split in splits:
+            product *= split
+        if product == cores and all(n % k == 0 for n, k in zip(expert_shape, splits)):
+            return list(splits)
+    return None
+
+
+def shard_expert_axis(tensor, num_expert_axes=1, strategy=None):
+    """Annotates the leading expert axes of `tensor` to be split over TPU cores.
+
+    Under a `TPUStrategy` whose replicas have `k > 1` logical devices, returns
+    `tensor` annotated with `strategy.experimental_split_to_logical_devices`
+    so XLA's SPMD partitioner splits the expert axes `k` ways (the other axes
+    replicated); elsewhere returns `tensor` unchanged.
+
+    Args:
+        tensor: `[e, ...]` (or `[x, y, ...]` with `num_expert_axes=2`).
+        num_expert_axes: how many leading axes index experts.
+        strategy: default: the current strategy.
+
+    Returns:
+        `tensor`, annotated or not.
+
+    Raises:
+        ValueError: if the expert axes cannot be split into `k` equal parts.
+    """
+    strategy = strategy or _strategy()
+    cores = tpu_cores_per_replica(strategy)
+    if cores == 1 or tf.distribute.get_replica_context() is None:
+        return tensor
+    expert_shape = tuple(tensor.shape[:num_expert_axes])
+    splits = _expert_partition(expert_shape, cores)
+    if splits is None:
+        raise ValueError(
+            f"Cannot split experts {expert_shape} over the {cores} TPU cores of a replica: "
+            f"the number of experts must be divisible by {cores}.")
+    return strategy.experimental_split_to_logical_devices(
+        tensor, splits + [1] * (tensor.shape.rank - num_expert_axes))
+
+
+def _expert_parallel_context(num_experts, layer_name):
+    """`(replica context, r)` for expert parallelism, or a clear error."""
+    context = tf.distribute.get_replica_context()
+    if context is None:
+        raise RuntimeError(
+            f"{layer_name}: expert_parallel=True needs a replica context, but the layer was "
+            f"called in the cross-replica context of {type(_strategy()).__name__} (directly "
+            "inside strategy.scope()). Call the model through model.fit / evaluate / "
+            "predict or strategy.run, or build the layer with expert_parallel=False.")
+    r = context.num_replicas_in_sync
+    if num_experts % r:
+        raise ValueError(
+            f"{layer_name}: expert_parallel=True needs the number of experts to be divisible "
+            f"by the number of replicas, got {num_experts} experts and {r} replicas.")
+    return context, r
+
+
+def run_experts(experts, expert_inputs, *args, expert_parallel=False, num_expert_axes=1,
+                variables=None, layer_name="MoELayer", **kwargs):
+    """Runs `experts` on dispatched tokens, where the placement says.
+
+    Without expert parallelism this is `experts(expert_inputs, *args,
+    **kwargs)`, with the expert axis annotated for TPU cores when a replica
+    has several (`shard_expert_axis`). With `expert_parallel=True`, inside a
+    replica context with `r > 1` replicas, replica `i` runs only its `e/r`
+    experts on the tokens of every replica, exchanged by two `all_to_all`
+    (see the module docstring). With one replica, or while Keras traces
+    shapes, it runs all experts locally.
+
+    `experts` must compute expert `i` from row `i` of its inputs and of each
+    of its weights: it is called on `[..., e/r, r*g, c, m]` while each weight
+    in `variables` reads as its replica's slice of rows (a Keras
+    `StatelessScope`), so it must take the number of experts from its inputs'
+    leading axes, not from its configuration. `FeedForwardExperts` and
+    `HierarchicalMoELayer`'s experts qualify.
+
+    Args:
+        experts: a Keras layer or a method of one: `[E..., g, c, m]` ->
+            `[E..., g, c, n]`, `E...` the `num_expert_axes` expert axes.
+        expert_inputs: `[E..., g, c, m]` dispatched tokens of this replica.
+        *args, **kwargs: more arguments of `experts` (e.g. `training`).
+        expert_parallel: bool, split the experts across replicas.
+        num_expert_axes: 1 for `[e, ...]`, 2 for the hierarchical `[x, y, ...]`.
+        variables: the expert weights, each with the expert axes first.
+            Default: the floating weights of `experts` whose leading shape is
+            the expert shape.
+        layer_name: the layer named in error messages.
+
+    Returns:
+        `[E..., g, c, n]`: the experts' outputs for this replica's tokens.
+
+    Raises:
+        RuntimeError: expert parallelism in a cross-replica context.
+        ValueError: `e` not divisible by the number of replicas (or, on TPU,
+            the local experts not divisible by the cores of a replica).
+    """
+    expert_shape = tuple(expert_inputs.shape[:num_expert_axes])
+    if variables is None:
+        variables = _expert_variables(_owner(experts) or experts, expert_shape)
+    num_experts = 1
+    for n in expert_shape:
+        num_experts *= n
+    replicas = 1
+    if expert_parallel and not in_symbolic_scope() and _strategy().num_replicas_in_sync > 1:
+        context, replicas = _expert_parallel_context(num_experts, layer_name)
+    if replicas == 1:
+        return _run_sharded(experts, expert_inputs, args, kwargs, variables, num_expert_axes)
+
+    num_local = num_experts // replicas
+    shape = tf.shape(expert_inputs)
+    groups, tail = shape[num_expert_axes], shape[num_expert_axes + 1:-1]  # g, [c]
+    blocks = tf.reshape(expert_inputs, tf.concat(
+        [[replicas, num_local, groups], tail, shape[-1:]], 0))  # [r, e/r, g, c, m]
+    received = all_to_all(blocks, context)  # row j: replica j's tokens for my experts
+    local_shape = [1] * (num_expert_axes - 1) + [num_local]
+    local_inputs = tf.reshape(tf.einsum("regcm->ergcm", received), tf.concat(
+        [local_shape, [replicas * groups], tail, shape[-1:]], 0))  # [e/r, r*g, c, m]
+
+    first = _replica_id(context) * num_local
+    local_values = []
+    for variable in variables:
+        value = tf.convert_to_tensor(variable)
+        weight_rest = value.shape[num_expert_axes:].as_list()
+        flat = tf.reshape(value, [num_experts] + weight_rest)
+        local = tf.slice(flat, [first] + [0] * len(weight_rest), [num_local] + weight_rest)
+        local_values.append((variable, tf.reshape(local, local_shape + weight_rest)))
+    local_outputs = _run_sharded(experts, local_inputs, args, kwargs, local_values,
+                                 num_expert_axes, substitute=True)
+    width = tf.shape(local_outputs)[-1:]
+    local_outputs = tf.reshape(local_outputs, tf.concat(
+        [[num_local, replicas, groups], tail, width], 0))  # [e/r, r, g, c, n]
+    returned = all_to_all(tf.einsum("ergcn->regcn", local_outputs), context)
+    return tf.reshape(returned, tf.concat([expert_shape, [groups], tail, width], 0))
+
+
+def _run_sharded(experts, expert_inputs, args, kwargs, variables, num_expert_axes,
+                 substitute=False):
+    """`experts(expert_inputs)`, the expert axes annotated for TPU cores if any.
+
+    `variables` is a list of variables, or of `(variable, value)` pairs read
+    instead of the variables when `substitute` is True.
+    """
+    if tpu_cores_per_replica() == 1 or in_symbolic_scope():
+        if not substitute:
+            return experts(expert_inputs, *args, **kwargs)
+        with _substituted(experts, variables):
+            return experts(expert_inputs, *args, **kwargs)
+    pairs = variables if substitute else [(v, tf.convert_to_tensor(v)) for v in variables]
+    annotated = [(v, shard_expert_axis(value, num_expert_axes)) for v, value in pairs]
+    with _substituted(experts, annotated):
+        outputs = experts(shard_expert_axis(expert_inputs, num_expert_axes), *args, **kwargs)
+    return shard_expert_axis(outputs, num_expert_axes)
