@@ -1,0 +1,287 @@
+"""Reliability: hostile inputs, extreme numbers, determinism, interrupted training."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tf_moe
+import tf_moe.routers
+
+ALL_ROUTERS = list(tf_moe.routers.ROUTERS)
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+@pytest.fixture(autouse=True)
+def _float32_policy():
+    keras.mixed_precision.set_global_policy("float32")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def _layers(router="top_2"):
+    yield tf_moe.MoELayer(num_experts=4, expert_hidden_dim=8, router=router, group_size=16)
+    yield tf_moe.HierarchicalMoELayer(num_experts=(2, 2), expert_hidden_dim=8, group_size=16)
+
+
+# ------------------------------------------------------------ hostile inputs
+
+
+@pytest.mark.parametrize("router", ALL_ROUTERS)
+@pytest.mark.parametrize("shape", [(0, 5, 6), (3, 0, 6), (0, 6), (1, 1, 6)])
+def test_empty_and_tiny_batches(router, shape):
+    for layer in _layers(router) if router == "top_2" else [next(_layers(router))]:
+        y = layer(np.zeros(shape, "float32"), training=True)
+        assert tuple(y.shape) == shape
+        assert np.all(np.isfinite(y.numpy()))
+        assert all(np.isfinite(float(loss)) for loss in layer.losses)
+
+
+@pytest.mark.parametrize("router", ALL_ROUTERS + ["hierarchical"])
+def test_nan_and_inf_tokens_give_nan_outputs_and_leave_others_alone(router):
+    make = (lambda: tf_moe.HierarchicalMoELayer(
+        num_experts=(2, 2), expert_hidden_dim=8, group_size=16, second_policy_eval="all",
+        seed=1)) if router == "hierarchical" else (lambda: tf_moe.MoELayer(
+            num_experts=4, expert_hidden_dim=8, router=router, group_size=16,
+            second_policy_eval="all", seed=1))
+    layer = make()
+    x = np.random.default_rng(0).normal(size=(3, 7, 6)).astype("float32")
+    bad = np.zeros((3, 7), bool)
+    bad[0, 2] = bad[2, 5] = True
+    x_bad = x.copy()
+    x_bad[0, 2, 1] = np.nan
+    x_bad[2, 5, :] = np.inf
+    y_bad = layer(x_bad).numpy()
+    assert np.all(np.isnan(y_bad[bad]))
+    # The other tokens route as if the bad ones were masked out.
+    y_masked = layer(x, mask=~bad).numpy()
+    np.testing.assert_allclose(y_bad[~bad], y_masked[~bad], atol=1e-6)
+    assert all(np.isfinite(float(loss)) for loss in layer.losses)
+
+
+def test_float64_inputs_are_cast_and_integer_inputs_refused():
+    layer = tf_moe.MoELayer(num_experts=4, expert_hidden_dim=8, second_policy_eval="all")
+    x = np.random.default_rng(0).normal(size=(2, 5, 6))
+    np.testing.assert_allclose(layer(x).numpy(), layer(x.astype("float32")).numpy(), atol=1e-6)
+    for dtype in ("int32", "int64", "bool"):
+        with pytest.raises(TypeError, match="floating point"):
+            layer(np.ones((2, 5, 6), dtype))
+
+
+def test_absurd_capacities_still_route_every_token():
+    x = np.random.default_rng(0).normal(size=(2, 9, 6)).astype("float32")
+    for kwargs in (dict(capacity_factor_eval=1e6), dict(min_expert_capacity=10**9),
+                   dict(group_size=10**12)):
+        routed = tf_moe.MoELayer(num_experts=4, **kwargs).route(x)
+        assert float(routed["dropped_fraction"]) == 0.0
+    tiny = tf_moe.MoELayer(num_experts=4, capacity_factor_eval=1e-9, min_expert_capacity=1)
+    routed = tiny.route(x)  # one slot per expert and group: most tokens dropped, reported
+    assert float(routed["dropped_fraction"]) > 0.5
+
+
+# Arguments of MoELayer with values that must be refused, and the name the error must give.
+BAD_ARGUMENTS = {
+    "num_experts": [0, -3, 2.5, "8", None, True],
+    "expert_hidden_dim": [0, -1, 1.5, "big"],
+    "group_size": [0, -1, 3.0, None],
+    "capacity_factor_train": [0, -1.0, float("nan"), float("inf"), "1.25", None],
+    "capacity_factor_eval": [0, -2.0, float("inf")],
+    "min_expert_capacity": [0, -4, 4.5],
+    "loss_coef": [-1e-2, float("nan"), "0.01"],
+    "z_loss_coef": [-1.0, float("inf")],
+    "output_dim": [0, -5, 2.0],
+    "router": ["top3", "", 7, None],
+    "second_policy_train": ["sometimes", None],
+    "second_policy_eval": ["ALL"],
+    "second_threshold_train": [-0.1, "0.2"],
+    "switch_policy_train": ["noise"],
+    "switch_jitter": [-1.0],
+    "switch_dropout": [1.0, -0.5],
+    "expert_dropout_rate": [1.0, -0.1, "0"],
+    "seed": ["zero", 1.5],
+    "activation": ["no_such_activation", []],
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(sorted(BAD_ARGUMENTS)).flatmap(
+    lambda name: st.tuples(st.just(name), st.sampled_from(BAD_ARGUMENTS[name]))))
+def test_bad_arguments_are_refused_by_name(argument):
+    name, value = argument
+    kwargs = {name: value}
+    if name.startswith("switch_"):
+        kwargs["router"] = "switch"
+    with pytest.raises((ValueError, TypeError)) as error:
+        tf_moe.MoELayer(**kwargs)
+    wanted = name.replace("switch_", "") if name.startswith("switch_") else name
+    assert wanted in str(error.value)
+
+
+@pytest.mark.parametrize("bad_mask", [np.ones((2, 4), bool), np.ones((2,), bool),
+                                      np.ones((2, 5, 6), bool)])
+def test_mask_of_the_wrong_shape(bad_mask):
+    for layer in _layers():
+        with pytest.raises(ValueError, match="mask"):
+            layer(np.ones((2, 5, 6), "float32"), mask=bad_mask)
+
+
+def test_wrong_width_after_build_and_zero_width():
+    layer = tf_moe.MoELayer(num_experts=4)
+    layer(np.ones((2, 3, 6), "float32"))
+    with pytest.raises(ValueError):
+        layer(np.ones((2, 3, 7), "float32"))
+    with pytest.raises(ValueError, match="input width"):
+        tf_moe.MoELayer(num_experts=4)(np.ones((2, 3, 0), "float32"))
+
+
+# ----------------------------------------------------------- extreme numbers
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("router", ALL_ROUTERS)
+def test_extreme_logits_and_inputs_stay_finite(policy, router):
+    keras.mixed_precision.set_global_policy(policy)
+    layer = tf_moe.MoELayer(num_experts=4, expert_hidden_dim=8, router=router,
+                            z_loss_coef=1e-3, seed=0)
+    x = tf.constant(1e3 * np.random.default_rng(0).normal(size=(4, 8, 6)), tf.float32)
+    layer(x)
+    # Router logits of about +-1e4: a kernel of +-10 on inputs of ~1e3.
+    layer.router.kernel.assign(10.0 * np.sign(np.random.default_rng(1).normal(size=(6, 4))))
+    with tf.GradientTape() as tape:
+        y = layer(x, training=True)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32)) * 1e-6 + tf.add_n(layer.losses)
+    grads = tape.gradient(loss, layer.trainable_weights)
+    assert np.all(np.isfinite(tf.cast(y, tf.float32).numpy()))
+    assert np.isfinite(float(loss))
+    for weight, grad in zip(layer.trainable_weights, grads):
+        assert grad is None or np.all(np.isfinite(tf.convert_to_tensor(grad).numpy())), \
+            weight.path
+
+
+def test_large_group_queue_is_exact_under_float16():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    x = np.random.default_rng(0).normal(size=(1, 8192, 4)).astype("float32")
+    layer = tf_moe.MoELayer(num_experts=4, expert_hidden_dim=4, group_size=8192,
+                            capacity_factor_eval=1.0, second_policy_eval="all", seed=0)
+    routed = layer.route(x)
+    gates = routed["gates"].numpy()
+    slots = (gates > 0).sum(axis=1)[0]  # tokens kept per expert
+    assert slots.max() <= 2048  # c = 8192 / 4: no position overflowed in float16
+    assert abs(float(routed["dropped_fraction"]) - np.mean(gates.sum(-1) == 0)) < 1e-6
+
+
+# -------------------------------------------------------------- determinism
+
+
+@pytest.mark.parametrize("router", ["top_2", "switch", "noisy_top_k", "top_n"])
+def test_random_policies_repeat_under_set_random_seed(router):
+    # Thresholds above the usual second gate, so the "random" policy draws decide.
+    kwargs = (dict(switch_policy_train="sample") if router == "switch"
+              else dict(second_threshold_train=0.9, second_threshold_eval=0.9))
+    x = np.random.default_rng(0).normal(size=(4, 16, 6)).astype("float32")
+
+    def run():
+        keras.utils.set_random_seed(123)
+        layer = tf_moe.MoELayer(num_experts=4, router=router, **kwargs)
+        return [layer.route(x, training=True)["gates"].numpy() for _ in range(3)]
+
+    first, second = run(), run()
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(first[0], g) for g in first[1:])  # fresh draws per step
+    inference = tf_moe.MoELayer(num_experts=4, router=router, **kwargs)
+    np.testing.assert_array_equal(inference(x).numpy(), inference(x).numpy())
+
+
+def test_layer_seed_gives_the_same_routing_without_global_seed():
+    x = np.random.default_rng(0).normal(size=(4, 16, 6)).astype("float32")
+    a = tf_moe.MoELayer(num_experts=4, seed=9)
+    b = tf_moe.MoELayer(num_experts=4, seed=9)
+    for _ in range(2):
+        np.testing.assert_array_equal(a.route(x, training=True)["gates"].numpy(),
+                                      b.route(x, training=True)["gates"].numpy())
+
+
+# ---------------------------------------------------- interrupted training
+
+
+def _model(router="top_2"):
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential([
+        keras.Input((8, 6)),
+        tf_moe.MoELayer(num_experts=4, router=router, expert_dropout_rate=0.1, name="moe"),
+        tf_moe.HierarchicalMoELayer(num_experts=(2, 2), name="hmoe"),
+        keras.layers.Dense(1)])
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    return model
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            raise RuntimeError("interrupted")
+
+
+@pytest.mark.parametrize("router", ["top_2", "switch"])
+def test_backup_and_restore_resumes_exactly(router, tmp_path):
+    x = np.random.default_rng(0).normal(size=(32, 8, 6)).astype("float32")
+    y = x[..., :1] ** 2
+    fit = dict(epochs=4, batch_size=8, shuffle=False, verbose=0)
+    uninterrupted = _model(router)
+    uninterrupted.fit(x, y, **fit)
+
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _model(router).fit(x, y, callbacks=[backup, _Interrupt()], **fit)
+    resumed = _model(router)
+    resumed.fit(x, y, callbacks=[keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))],
+                **fit)
+    for a, b in zip(uninterrupted.variables, resumed.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+    for a, b in zip(uninterrupted.optimizer.variables, resumed.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+
+
+def test_checkpoints_restore_every_weight_and_refuse_other_shapes(tmp_path):
+    x = np.random.default_rng(0).normal(size=(4, 8, 6)).astype("float32")
+    model = _model()
+    model.fit(x, x[..., :1], epochs=1, verbose=0)
+    expected = model.predict(x, verbose=0)
+
+    model.save_weights(str(tmp_path / "w.weights.h5"))
+    fresh = _model()
+    fresh.load_weights(str(tmp_path / "w.weights.h5"))
+    np.testing.assert_array_equal(fresh.predict(x, verbose=0), expected)
+
+    path = tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
+    restored = _model()
+    restored.optimizer.build(restored.trainable_variables)
+    tf.train.Checkpoint(model=restored).read(path).assert_consumed()
+    np.testing.assert_array_equal(restored.predict(x, verbose=0), expected)
+    for a, b in zip(model.weights, restored.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+
+    other = keras.Sequential([keras.Input((8, 6)), tf_moe.MoELayer(num_experts=8, name="moe"),
+                              tf_moe.HierarchicalMoELayer(num_experts=(2, 2), name="hmoe"),
+                              keras.layers.Dense(1)])
+    other.compile(keras.optimizers.Adam(1e-2), "mse")
+    other.optimizer.build(other.trainable_variables)
+    with pytest.raises(ValueError):
+        other.load_weights(str(tmp_path / "w.weights.h5"))
+    with pytest.raises((ValueError, tf.errors.InvalidArgumentError)):
+        tf.train.Checkpoint(model=other).read(path).assert_consumed()
+
+
+def test_file_saved_by_version_0_1_still_loads():
+    """tests/data/ holds a model saved by tf_moe 0.1.0 (see tests/data/make_data.py)."""
+    model = keras.models.load_model(os.path.join(DATA, "moe_v0_1.keras"))
+    with open(os.path.join(DATA, "moe_v0_1.json")) as f:
+        expected = json.load(f)
+    x = np.asarray(expected["inputs"], "float32")
+    np.testing.assert_allclose(model.predict(x, verbose=0), np.asarray(expected["outputs"]),
+                               rtol=1e-5, atol=1e-6)
