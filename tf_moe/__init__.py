@@ -33,6 +33,7 @@ import keras as _keras  # noqa: E402
 _require_tensorflow_backend(_keras.config.backend(), "keras.config.backend()")
 
 from tf_moe import routing  # noqa: E402
+from tf_moe.callbacks import RouterTensorBoard  # noqa: E402
 from tf_moe.experts import FeedForwardExperts  # noqa: E402
 from tf_moe.hierarchical import HierarchicalMoELayer, InnerTop2Router  # noqa: E402
 from tf_moe.layers import MoELayer  # noqa: E402
@@ -69,6 +70,7 @@ __all__ = [
     "MoELayer",
     "NoisyTopKRouter",
     "Router",
+    "RouterTensorBoard",
     "RoutingResult",
     "SwitchMaxRouter",
     "SwitchRouter",

@@ -3,9 +3,22 @@
 import keras
 import tensorflow as tf
 
+from tf_moe import seeding
+
 
 def serialize_activation(activation):
-    """An activation argument (name, callable or list of them) for `get_config`."""
+    """An activation argument (name, callable or list of them) for `get_config`.
+
+    Args:
+        activation: a name, a callable, or a list of them (GLU).
+
+    Returns:
+        The same with callables replaced by their serialized Keras names.
+
+    Example:
+    >>> serialize_activation([keras.activations.gelu, "linear"])
+    ['gelu', 'linear']
+    """
     if isinstance(activation, (list, tuple)):
         return [serialize_activation(a) for a in activation]
     if callable(activation):
@@ -74,7 +87,6 @@ class FeedForwardExperts(keras.layers.Layer):
         self.kernel_initializer = (
             keras.initializers.get(kernel_initializer) if kernel_initializer is not None else None)
         self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
 
     def _initializer(self, fan_in, index):
         """Initializer of kernel number `index`: each kernel gets its own seed."""
@@ -106,16 +118,20 @@ class FeedForwardExperts(keras.layers.Layer):
         ]
         self.wo = self.add_weight(name="wo", shape=(e, h, n),
                                   initializer=self._initializer(h, len(self._activations)))
+        self.seed_base, self.seed_step = seeding.add_seed_weights(self, self.seed)
 
     def call(self, inputs, training=None):
         shape = tf.shape(inputs)
-        x = tf.reshape(inputs, [self.num_experts, -1, shape[-1]])  # [e, t, m]
+        # The runtime expert axis, not self.num_experts: under expert parallelism
+        # (distribute.run_experts) a replica runs its e/r local experts.
+        x = tf.reshape(inputs, [shape[0], -1, shape[-1]])  # [e, t, m]
         hidden = None
         for wi, activation in zip(self.wi, self._activations):
             h = activation(tf.einsum("etm,emh->eth", x, wi))
             hidden = h if hidden is None else hidden * h
         if training and self.dropout_rate > 0:
-            hidden = keras.random.dropout(hidden, self.dropout_rate, seed=self.seed_generator)
+            hidden = seeding.dropout(hidden, self.dropout_rate,
+                                     seeding.next_seed(self.seed_base, self.seed_step))
         y = tf.einsum("eth,ehn->etn", hidden, self.wo)
         return tf.reshape(y, tf.concat([shape[:-1], tf.shape(y)[-1:]], axis=0))
 

@@ -22,7 +22,8 @@ einsum("xhtyd,xyhdn->xhtn") -> [x, g, c, n] -> einsum("gsxc,xgcn->gsn") -> [...,
 import keras
 import tensorflow as tf
 
-from tf_moe import routing
+from tf_moe import dispatch as dispatch_module
+from tf_moe import distribute, routing, seeding
 from tf_moe.experts import serialize_activation
 from tf_moe.layers import (
     METRICS,
@@ -93,19 +94,12 @@ class InnerTop2Router(Top2Router):
         self.kernel = self.add_weight(
             name="kernel", shape=(self.num_outer_experts, model_dim, self.num_experts),
             initializer=initializer, dtype="float32")
+        self.seed_base, self.seed_step = seeding.add_seed_weights(self, self.seed)
 
     def logits(self, inputs, training=False):
         """Router logits `[x, h, t, y]` in float32."""
         tokens = self.perturb(tf.cast(inputs, tf.float32), training)
         return tf.einsum("xhtm,xmy->xhty", tokens, tf.cast(self.kernel, tf.float32))
-
-    def random_seed(self, training):
-        """As `Router.random_seed`, but the stateless seed `(seed or 0, 1)`.
-
-        The second element 1 keeps the inner level's draws apart from the outer
-        router's `(seed or 0, 0)` when both have no seed.
-        """
-        return self.seed_generator if training else [self.seed or 0, 1]
 
     def get_config(self):
         config = super().get_config()
@@ -171,11 +165,11 @@ class HierarchicalMoELayer(keras.layers.Layer):
       the groups by the mesh layout). There is no outer batch axis `a`.
     * The outer router sees the Keras mask and the padding as importance
       (Mesh-TF passes none at the outer level).
-    * The `"random"` second policy draws fresh noise in training but uses the
-      fixed stateless seeds `(seed or 0, 0)` (outer) and `(seed or 0, 1)`
-      (inner) outside training, so inference is deterministic and a reloaded
-      model predicts exactly as before (Mesh-TF draws fresh noise at
-      evaluation too).
+    * The `"random"` second policy draws fresh noise in training but a fixed
+      seed per router outside training, so inference is deterministic and a
+      reloaded model predicts exactly as before (Mesh-TF draws fresh noise at
+      evaluation too); the training streams are checkpointed
+      (`tf_moe.seeding`).
     * The router z-loss, GLU experts, expert dropout and `output_dim` are
       additions; Mesh-TF's experts are relu with `n = output_dim`.
     * With an int `seed`, the outer router uses `seed`, the inner router
@@ -205,6 +199,19 @@ class HierarchicalMoELayer(keras.layers.Layer):
             `"threshold"` and `"random"` policies.
         use_second_place_loss: both routers also balance the second choices.
         seed: int or None, seeds the routers, the kernels and the dropout.
+        expert_parallel: bool. Inside a `tf.distribute` replica context with
+            `r` replicas (`x * y % r == 0`), replica `i` runs only experts
+            `[i * xy/r, (i + 1) * xy/r)` (counting `(x, y)` row by row), on
+            the tokens of every replica, exchanged by two all-to-alls
+            (`tf_moe.distribute`). Routing and outputs are those of the
+            single-device layer; every replica still stores all expert
+            weights under mirrored strategies. Default False.
+        dispatch: `"einsum"`, `"gather"` or `"auto"` (default: einsum when
+            TPUs are visible, else gather), at both levels; see `MoELayer`
+            and `tf_moe.dispatch`. Same outputs and gradients either way.
+        dropless: bool: no token dropped at either level (capacities `s`
+            and `t`; the gather path sizes the buffers by the fullest expert,
+            except under `jit_compile=True`); see `MoELayer`.
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -245,6 +252,9 @@ class HierarchicalMoELayer(keras.layers.Layer):
         second_threshold_eval=0.2,
         use_second_place_loss=False,
         seed=None,
+        expert_parallel=False,
+        dispatch="auto",
+        dropless=False,
         **kwargs,
     ):
         if kwargs.get("name") is None:
@@ -299,6 +309,14 @@ class HierarchicalMoELayer(keras.layers.Layer):
         self.second_threshold_eval = second_threshold_eval
         self.use_second_place_loss = use_second_place_loss
         self.seed = seed
+        if not isinstance(expert_parallel, bool):
+            raise TypeError(f"expert_parallel must be a bool, got {expert_parallel!r}.")
+        self.expert_parallel = expert_parallel
+        dispatch_module.resolve(dispatch)  # validates the name
+        if not isinstance(dropless, bool):
+            raise TypeError(f"dropless must be a bool, got {dropless!r}.")
+        self.dispatch = dispatch
+        self.dropless = dropless
 
         x, y = self.num_experts
         router_options = dict(
@@ -313,7 +331,6 @@ class HierarchicalMoELayer(keras.layers.Layer):
         self.inner_router = InnerTop2Router(
             x, y, seed=_offset_seed(seed, 1), name=f"{self.name}_inner_router",
             **router_options)
-        self.dropout_seed_generator = keras.random.SeedGenerator(_offset_seed(seed, 2))
         self.supports_masking = True
 
         keys = [f"{level}_{key}" for key in METRICS for level in ("outer", "inner")
@@ -329,10 +346,10 @@ class HierarchicalMoELayer(keras.layers.Layer):
                 f"HierarchicalMoELayer inputs must have rank >= 2 ([..., tokens, m]), got "
                 f"shape {tuple(input_shape)}.")
         model_dim = input_shape[-1]
-        if model_dim is None:
+        if model_dim is None or model_dim < 1:
             raise ValueError(
-                "HierarchicalMoELayer needs a known input width (last axis) at build time, "
-                f"got shape {tuple(input_shape)}.")
+                "HierarchicalMoELayer needs a known input width (last axis) >= 1 at build "
+                f"time, got shape {tuple(input_shape)}.")
         self.input_dim = model_dim
         x, y = self.num_experts
         hidden_dim = self.expert_hidden_dim or 4 * model_dim
@@ -350,6 +367,8 @@ class HierarchicalMoELayer(keras.layers.Layer):
             name="wo", shape=(x, y, hidden_dim, output_dim),
             initializer=_fan_in_initializer(
                 hidden_dim, _offset_seed(self.seed, 2 + len(self._activations))))
+        self.dropout_seed_base, self.dropout_seed_step = seeding.add_seed_weights(
+            self, _offset_seed(self.seed, 2), prefix="dropout_seed")
 
     # ------------------------------------------------------------------- call
 
@@ -385,11 +404,23 @@ class HierarchicalMoELayer(keras.layers.Layer):
         x, y = self.num_experts
         factor = self.capacity_factor_train if training else self.capacity_factor_eval
         capacity = routing.expert_capacity(group_size, x, factor, self.min_expert_capacity)
+        if self.dropless:
+            capacity = group_size
         outer = self.outer_router(tokens, expert_capacity=capacity, importance=importance,
                                   training=training)
-        expert_inputs_x = tf.einsum(
-            "gsxc,gsm->xgcm", tf.cast(outer.dispatch_tensor, tokens.dtype), tokens)
-        slot_gate = tf.einsum("gsxc->xgc", outer.combine_tensor)
+        by_index = dispatch_module.resolve(self.dispatch) == "gather"
+        outer_index = None
+        if by_index:
+            capacity = dispatch_module.buffer_capacity(
+                outer.expert_slots, capacity, self.dropless and not self.expert_parallel)
+            outer_index, slot_gate = (
+                tf.transpose(t, [1, 0, 2]) for t in dispatch_module.slot_map(
+                    outer.expert_slots, outer.expert_gates, capacity))  # [x, g, c]
+            expert_inputs_x = dispatch_module.gather_dispatch(tokens, outer_index)  # [x, g, c, m]
+        else:
+            expert_inputs_x = tf.einsum(
+                "gsxc,gsm->xgcm", tf.cast(outer.dispatch_tensor, tokens.dtype), tokens)
+            slot_gate = tf.einsum("gsxc->xgc", outer.combine_tensor)
         slot_importance = 0.5 * (tf.cast(slot_gate > 0.5, tf.float32)
                                  + tf.cast(slot_gate > 0.0, tf.float32))  # [x, g, c]
 
@@ -401,11 +432,14 @@ class HierarchicalMoELayer(keras.layers.Layer):
                                      inner_group_size)[..., 0]  # [x, h, t]
         inner_capacity = routing.expert_capacity(
             inner_group_size, y, self.capacity_factor_second_level, self.min_expert_capacity)
+        if self.dropless:
+            inner_capacity = inner_group_size
         inner = self.inner_router(inputs_y, expert_capacity=inner_capacity,
                                   importance=importance_y, training=training)
         return dict(tokens=tokens, importance=importance, num_tokens=num_tokens,
                     groups=groups, capacity=capacity, num_slots=num_slots, outer=outer,
-                    inputs_y=inputs_y, inner=inner)
+                    inputs_y=inputs_y, inner=inner, by_index=by_index, outer_index=outer_index,
+                    outer_slot_gate=slot_gate)
 
     def _experts(self, expert_inputs, training):
         """The `x * y` experts: `[x, y, h, d, m]` -> `[x, y, h, d, n]`."""
@@ -414,8 +448,9 @@ class HierarchicalMoELayer(keras.layers.Layer):
             a = activation(tf.einsum("xyhdm,xymf->xyhdf", expert_inputs, wi))
             hidden = a if hidden is None else hidden * a
         if training and self.expert_dropout_rate > 0:
-            hidden = keras.random.dropout(hidden, self.expert_dropout_rate,
-                                          seed=self.dropout_seed_generator)
+            hidden = seeding.dropout(hidden, self.expert_dropout_rate,
+                                     seeding.next_seed(self.dropout_seed_base,
+                                                       self.dropout_seed_step))
         return tf.einsum("xyhdf,xyfn->xyhdn", hidden, self.wo)
 
     def call(self, inputs, training=None, mask=None):
@@ -423,17 +458,39 @@ class HierarchicalMoELayer(keras.layers.Layer):
         r = self._route(inputs, mask, training)
         outer, inner, inputs_y = r["outer"], r["inner"], r["inputs_y"]
         dtype = inputs_y.dtype
-        expert_inputs_y = tf.einsum(
-            "xhtyd,xhtm->xyhdm", tf.cast(inner.dispatch_tensor, dtype), inputs_y)
-        expert_outputs = self._experts(expert_inputs_y, training)  # [x, y, h, d, n]
-        outputs_y = tf.einsum("xhtyd,xyhdn->xhtn",
-                              tf.cast(inner.combine_tensor, expert_outputs.dtype),
-                              expert_outputs)
+        if r["by_index"]:
+            inner_capacity = dispatch_module.buffer_capacity(
+                inner.expert_slots, inner.expert_capacity,
+                self.dropless and not self.expert_parallel)
+            inner_index, inner_gate = (
+                tf.transpose(t, [0, 2, 1, 3]) for t in dispatch_module.slot_map(
+                    inner.expert_slots, inner.expert_gates, inner_capacity))  # [x, y, h, d]
+            expert_inputs_y = dispatch_module.gather_dispatch(inputs_y, inner_index)
+        else:
+            expert_inputs_y = tf.einsum(
+                "xhtyd,xhtm->xyhdm", tf.cast(inner.dispatch_tensor, dtype), inputs_y)
+        expert_outputs = distribute.run_experts(  # [x, y, h, d, n]
+            self._experts, expert_inputs_y, training, expert_parallel=self.expert_parallel,
+            num_expert_axes=2, variables=[*self.wi, self.wo], layer_name=self.name)
+        if r["by_index"]:
+            outputs_y = dispatch_module.scatter_combine(
+                expert_outputs, inner_index, inner_gate, tf.size(inner.expert_gates[..., 0]))
+            outputs_y = tf.reshape(outputs_y, tf.concat(
+                [tf.shape(inputs_y)[:-1], tf.shape(outputs_y)[-1:]], axis=0))  # [x, h, t, n]
+        else:
+            outputs_y = tf.einsum("xhtyd,xyhdn->xhtn",
+                                  tf.cast(inner.combine_tensor, expert_outputs.dtype),
+                                  expert_outputs)
         expert_outputs_x = self._unregroup(outputs_y, r["num_slots"], r["groups"],
                                            r["capacity"])  # [x, g, c, n]
-        outputs = tf.einsum("gsxc,xgcn->gsn",
-                            tf.cast(outer.combine_tensor, expert_outputs_x.dtype),
-                            expert_outputs_x)
+        if r["by_index"]:
+            outputs = dispatch_module.scatter_combine(
+                expert_outputs_x, r["outer_index"], r["outer_slot_gate"],
+                tf.shape(r["tokens"])[0] * tf.shape(r["tokens"])[1])  # [g * s, n]
+        else:
+            outputs = tf.einsum("gsxc,xgcn->gsn",
+                                tf.cast(outer.combine_tensor, expert_outputs_x.dtype),
+                                expert_outputs_x)
         outputs = ungroup_tokens(outputs, r["num_tokens"], inputs)
 
         loss = outer.aux_loss + inner.aux_loss
@@ -447,11 +504,14 @@ class HierarchicalMoELayer(keras.layers.Layer):
     def _dropped_fraction(self, r):
         """Share of the tokens (importance > 0) that reached no expert at all."""
         slot_reached = tf.cast(
-            tf.reduce_sum(r["inner"].dispatch_tensor, axis=[-2, -1]) > 0.0, tf.float32)
+            tf.reduce_any(r["inner"].expert_slots >= 0, axis=-1), tf.float32)  # [x, h, t]
         slot_reached = self._unregroup(slot_reached[..., None], r["num_slots"], r["groups"],
                                        r["capacity"])[..., 0]  # [x, g, c]
-        reached = tf.cast(tf.einsum("gsxc,xgc->gs", r["outer"].dispatch_tensor,
-                                    slot_reached) > 0.0, tf.float32)
+        # Token (g, s) reached an expert if a slot it holds at some x was routed on.
+        outer_slots = tf.transpose(r["outer"].expert_slots, [0, 2, 1])  # [g, x, s]
+        held = tf.gather(tf.transpose(slot_reached, [1, 0, 2]), tf.maximum(outer_slots, 0),
+                         batch_dims=2)  # [g, x, s]
+        reached = tf.cast(tf.reduce_any((outer_slots >= 0) & (held > 0.0), axis=1), tf.float32)
         counted = tf.cast(r["importance"] > 0.0, tf.float32)
         num_counted = tf.reduce_sum(counted)
         return (num_counted - tf.reduce_sum(reached * counted)) / tf.maximum(num_counted, 1.0)
@@ -540,5 +600,8 @@ class HierarchicalMoELayer(keras.layers.Layer):
             second_threshold_eval=self.second_threshold_eval,
             use_second_place_loss=self.use_second_place_loss,
             seed=self.seed,
+            expert_parallel=self.expert_parallel,
+            dispatch=self.dispatch,
+            dropless=self.dropless,
         )
         return config

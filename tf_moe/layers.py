@@ -1,9 +1,13 @@
 """The mixture-of-experts Keras layer."""
 
+import math
+
 import keras
 import tensorflow as tf
 
-from tf_moe import dispatch, routing
+from tf_moe import dispatch as dispatch_module
+from tf_moe import routing
+from tf_moe import distribute
 from tf_moe.experts import FeedForwardExperts, serialize_activation
 from tf_moe.routers import ROUTERS, Router
 
@@ -43,7 +47,7 @@ def _check_positive(argument, value, allow_zero=False, allow_none=False):
     if allow_none and value is None:
         return
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
+    ok = ok and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
         extra = "None or " if allow_none else ""
@@ -63,6 +67,10 @@ def group_shape(num_tokens, group_size):
 
     Returns:
         `(g, s)`, Python ints when `num_tokens` is one, else int32 tensors.
+
+    Example:
+    >>> group_shape(2500, 1024)  # 3 groups of 834 tokens: 2 padding tokens
+    (3, 834)
     """
     if isinstance(num_tokens, int):
         g = max(1, -(-num_tokens // group_size))
@@ -84,6 +92,11 @@ def group_tokens(inputs, mask, group_size, layer_name="MoELayer"):
     Returns:
         `(tokens [g, s, m], importance [g, s], n, g, s)`, with `n` the number of
         tokens before padding (Python ints where the shapes are static).
+
+    Example:
+    >>> tokens, importance, n, g, s = group_tokens(tf.ones([3, 5, 8]), None, group_size=8)
+    >>> tokens.shape, float(tf.reduce_sum(importance)), (n, g, s)  # 15 tokens, 1 padding
+    (TensorShape([2, 8, 8]), 15.0, (15, 2, 8))
     """
     if not inputs.dtype.is_floating:
         raise TypeError(
@@ -106,6 +119,12 @@ def group_tokens(inputs, mask, group_size, layer_name="MoELayer"):
                 f"mask must have the shape of the inputs without the last axis, "
                 f"{inputs.shape[:-1]}, got {mask.shape}.")
         importance = tf.reshape(tf.cast(mask, tf.float32), [-1])
+    # A token holding NaN or Inf is routed nowhere (importance 0, zeros for the
+    # router) so it cannot disturb other tokens; `ungroup_tokens` makes its
+    # output NaN, so the problem reaches the loss instead of being hidden.
+    finite = tf.reduce_all(tf.math.is_finite(tokens), axis=-1)
+    importance *= tf.cast(finite, tf.float32)
+    tokens = tf.where(finite[:, None], tokens, tf.zeros_like(tokens))
     groups, size = group_shape(num_tokens, group_size)
     padding = groups * size - num_tokens
     tokens = tf.pad(tokens, [[0, padding], [0, 0]])
@@ -116,9 +135,28 @@ def group_tokens(inputs, mask, group_size, layer_name="MoELayer"):
 
 
 def ungroup_tokens(grouped, num_tokens, inputs):
-    """`[g, s, k]` back to the leading shape of `inputs`: `[..., k]`."""
+    """`[g, s, k]` back to the leading shape of `inputs`: `[..., k]`.
+
+    Tokens whose input holds NaN or Inf get NaN (see `group_tokens`).
+
+    Args:
+        grouped: `[g, s, k]`, as made by `group_tokens` (padding last).
+        num_tokens: `n`, the number of tokens before padding.
+        inputs: the layer's inputs `[..., m]`, for their leading shape.
+
+    Returns:
+        `[..., k]`.
+
+    Example:
+    >>> inputs = tf.ones([3, 5, 8])
+    >>> tokens, _, n, _, _ = group_tokens(inputs, None, group_size=8)
+    >>> ungroup_tokens(tokens[..., :2], n, inputs).shape
+    TensorShape([3, 5, 2])
+    """
     width = grouped.shape[-1]
     flat = tf.reshape(grouped, [-1, width])[:num_tokens]
+    finite = tf.reduce_all(tf.math.is_finite(tf.reshape(inputs, [-1, inputs.shape[-1]])), -1)
+    flat = tf.where(finite[:, None], flat, tf.constant(float("nan"), flat.dtype))
     return tf.reshape(flat, tf.concat([tf.shape(inputs)[:-1], [width]], axis=0))
 
 
@@ -133,7 +171,11 @@ class MoELayer(keras.layers.Layer):
     of the `num_experts` experts, each expert takes at most `c` tokens per
     group, and the experts' outputs are added back weighted by the gates. A
     token that no expert takes (capacity overflow) gets a zero output: the
-    share of such tokens is the `<name>_dropped` metric.
+    share of such tokens is the `<name>_dropped` metric. A token whose input
+    holds NaN or Inf takes no slot, adds nothing to the losses and leaves the
+    other tokens' routing untouched, and its output is NaN, so the model's
+    loss shows the problem (`keras.callbacks.TerminateOnNaN` stops on it).
+    An empty batch gives an empty output.
 
     Capacity per group: `c = max(min(s, int(s * capacity_factor / e)),
     min_expert_capacity)`, at most `s`, with `capacity_factor_train` in
@@ -177,6 +219,31 @@ class MoELayer(keras.layers.Layer):
         noisy_gating_k, noise_epsilon: `k` and `noise_epsilon` of the noisy
             top-k router (see `NoisyTopKRouter`).
         seed: int or None, seeds the router and expert dropout.
+        expert_parallel: bool. Inside a `tf.distribute` replica context with
+            `r` replicas (`num_experts % r == 0`), replica `i` runs only
+            experts `[i * e/r, (i + 1) * e/r)`, on the tokens of every
+            replica, exchanged by two all-to-alls (`tf_moe.distribute`).
+            Routing and outputs are those of the single-device layer; every
+            replica still stores all expert weights under mirrored
+            strategies. Default False (plain data parallelism).
+        dispatch: how tokens reach the experts' buffers and come back (see
+            `tf_moe.dispatch`; same outputs and gradients either way):
+            `"einsum"` multiplies one-hot `[g, s, e, c]` tensors (Mesh-TF's
+            way: static shapes and dense matmuls, best on TPU, but cost and
+            memory grow with `s * e * c * m`); `"gather"` moves rows by index
+            and adds the outputs back with a segment sum (memory and time
+            linear in the tokens, best on CPU and GPU); `"auto"` (default)
+            is einsum when TPUs are visible, else gather.
+        dropless: bool. If True, no token is ever dropped (as MegaBlocks):
+            routing runs with capacity `s`, and the gather path sizes the
+            buffers by the fullest expert of the batch (a dynamic shape), so
+            the experts compute on about `k * s * max_load / e` slots per
+            expert. XLA needs static shapes, so under `jit_compile=True` (and
+            on the einsum path, and with `expert_parallel`, whose replicas
+            exchange buffers of one shape) the buffers have `s` slots per expert:
+            nothing is dropped but the experts run on `e * s` slots. The
+            capacity factors are then unused. Not for `"expert_selection"`,
+            whose experts pick tokens (it has no capacity overflow to avoid).
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -225,6 +292,9 @@ class MoELayer(keras.layers.Layer):
         noisy_gating_k=2,
         noise_epsilon=1e-2,
         seed=None,
+        expert_parallel=False,
+        dispatch="auto",
+        dropless=False,
         **kwargs,
     ):
         if kwargs.get("name") is None:
@@ -240,6 +310,13 @@ class MoELayer(keras.layers.Layer):
         _check_positive("loss_coef", loss_coef, allow_zero=True)
         _check_positive("z_loss_coef", z_loss_coef, allow_zero=True, allow_none=True)
         _check_int("output_dim", output_dim, 1, allow_none=True)
+        if not (isinstance(expert_dropout_rate, (int, float))
+                and not isinstance(expert_dropout_rate, bool)
+                and 0.0 <= expert_dropout_rate < 1.0):
+            raise ValueError(
+                f"expert_dropout_rate must be a float in [0, 1), got {expert_dropout_rate!r}.")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise TypeError(f"seed must be None or an int, got {seed!r}.")
         self.num_experts = num_experts
         self.expert_hidden_dim = expert_hidden_dim
         self.group_size = group_size
@@ -252,6 +329,19 @@ class MoELayer(keras.layers.Layer):
         self.output_dim = output_dim
         self.expert_dropout_rate = expert_dropout_rate
         self.seed = seed
+        if not isinstance(expert_parallel, bool):
+            raise TypeError(f"expert_parallel must be a bool, got {expert_parallel!r}.")
+        self.expert_parallel = expert_parallel
+        dispatch_module.resolve(dispatch)  # validates the name
+        if not isinstance(dropless, bool):
+            raise TypeError(f"dropless must be a bool, got {dropless!r}.")
+        if dropless and (router == "expert_selection"
+                         or type(router).__name__ == "ExpertSelectionRouter"):
+            raise ValueError(
+                "dropless=True does not apply to expert_selection routing: each expert "
+                "picks its tokens, there is no capacity overflow to avoid.")
+        self.dispatch = dispatch
+        self.dropless = dropless
         self.router_options = dict(
             second_policy_train=second_policy_train,
             second_policy_eval=second_policy_eval,
@@ -310,11 +400,12 @@ class MoELayer(keras.layers.Layer):
                 f"MoELayer inputs must have rank >= 2 ([..., tokens, m]), got shape "
                 f"{tuple(input_shape)}.")
         model_dim = input_shape[-1]
-        if model_dim is None:
+        if model_dim is None or model_dim < 1:
             raise ValueError(
-                f"MoELayer needs a known input width (last axis) at build time, got shape "
-                f"{tuple(input_shape)}.")
+                f"MoELayer needs a known input width (last axis) >= 1 at build time, got "
+                f"shape {tuple(input_shape)}.")
         self.input_dim = model_dim
+        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: model_dim})
         if self.experts is None:
             self.experts = FeedForwardExperts(
                 self.num_experts, self.expert_hidden_dim or 4 * model_dim,
@@ -335,6 +426,8 @@ class MoELayer(keras.layers.Layer):
         factor = self.capacity_factor_train if training else self.capacity_factor_eval
         capacity = routing.expert_capacity(
             group_size, self.num_experts, factor, self.min_expert_capacity)
+        if self.dropless:
+            capacity = group_size
         result = self.router(tokens, expert_capacity=capacity, importance=importance,
                              training=training)
         return tokens, result, num_tokens
@@ -342,9 +435,31 @@ class MoELayer(keras.layers.Layer):
     def call(self, inputs, training=None, mask=None):
         training = bool(training)
         tokens, result, num_tokens = self._route(inputs, mask, training)
-        expert_inputs = dispatch.einsum_dispatch(tokens, result.dispatch_tensor)  # [e, g, c, m]
-        expert_outputs = self.experts(expert_inputs, training=training)  # [e, g, c, n]
-        outputs = dispatch.einsum_combine(expert_outputs, result.combine_tensor)  # [g, s, n]
+        by_index = (dispatch_module.resolve(self.dispatch) == "gather"
+                    and result.expert_slots is not None)  # a custom router may give dense only
+        if not by_index:
+            expert_inputs = dispatch_module.einsum_dispatch(
+                tokens, result.dispatch_tensor)  # [e, g, c, m]
+        else:
+            capacity = dispatch_module.buffer_capacity(
+                result.expert_slots, result.expert_capacity,
+                self.dropless and not self.expert_parallel)
+            token_index, slot_gates = dispatch_module.slot_map(
+                result.expert_slots, result.expert_gates, capacity)  # [g, e, c]
+            token_index = tf.transpose(token_index, [1, 0, 2])  # [e, g, c]
+            slot_gates = tf.transpose(slot_gates, [1, 0, 2])
+            expert_inputs = dispatch_module.gather_dispatch(tokens, token_index)  # [e, g, c, m]
+        expert_outputs = distribute.run_experts(  # [e, g, c, n]
+            self.experts, expert_inputs, training=training,
+            expert_parallel=self.expert_parallel, layer_name=self.name)
+        if not by_index:
+            outputs = dispatch_module.einsum_combine(
+                expert_outputs, result.combine_tensor)  # [g, s, n]
+        else:
+            outputs = dispatch_module.scatter_combine(
+                expert_outputs, token_index, slot_gates,
+                tokens.shape[0] * tokens.shape[1] if None not in tokens.shape[:2]
+                else tf.shape(tokens)[0] * tf.shape(tokens)[1])  # [g * s, n]
         outputs = ungroup_tokens(outputs, num_tokens, inputs)
 
         loss = result.aux_loss
@@ -387,7 +502,9 @@ class MoELayer(keras.layers.Layer):
         if not self.built:
             self.build(inputs.shape)
         _, result, num_tokens = self._route(inputs, mask, training)
-        gates = ungroup_tokens(tf.reduce_sum(result.combine_tensor, axis=-1), num_tokens, inputs)
+        gates = (result.expert_gates if result.expert_gates is not None
+                 else tf.reduce_sum(result.combine_tensor, axis=-1))  # [g, s, e]
+        gates = ungroup_tokens(gates, num_tokens, inputs)
         return dict(gates=gates, aux_loss=result.aux_loss, z_loss=result.z_loss,
                     **result.metrics)
 
@@ -418,6 +535,9 @@ class MoELayer(keras.layers.Layer):
                      if self._custom_experts else None),
             expert_dropout_rate=self.expert_dropout_rate,
             seed=self.seed,
+            expert_parallel=self.expert_parallel,
+            dispatch=self.dispatch,
+            dropless=self.dropless,
             **self.router_options,
         )
         return config

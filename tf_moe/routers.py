@@ -10,7 +10,7 @@ of the tokens only: the experts always receive the clean tokens.
 import keras
 import tensorflow as tf
 
-from tf_moe import routing
+from tf_moe import routing, seeding
 
 INPUT_POLICIES = ("argmax", "input_jitter", "input_dropout")
 
@@ -46,6 +46,19 @@ class Router(keras.layers.Layer):
 
     Returns:
         A `tf_moe.routing.RoutingResult` with `[g, s, e, c]` tensors.
+
+    Example:
+    A router that always picks the best expert, with its softmax gate:
+
+    >>> class ArgmaxRouter(Router):
+    ...     def route(self, logits, expert_capacity, importance, training):
+    ...         return tf_moe.routing.switch_gating(
+    ...             logits, expert_capacity, importance=importance, policy="argmax")
+    >>> router = ArgmaxRouter(num_experts=4)
+    >>> router(tf.random.normal([2, 8, 16]), expert_capacity=4).dispatch_tensor.shape
+    TensorShape([2, 8, 4, 4])
+    >>> MoELayer(num_experts=4, router=ArgmaxRouter())(tf.zeros([2, 8, 16])).shape
+    TensorShape([2, 8, 16])
     """
 
     min_experts = 1
@@ -59,7 +72,6 @@ class Router(keras.layers.Layer):
         self.kernel_initializer = (
             keras.initializers.get(kernel_initializer) if kernel_initializer is not None else None)
         self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
 
     def _check_num_experts(self, num_experts):
         if (not isinstance(num_experts, int) or isinstance(num_experts, bool)
@@ -83,6 +95,7 @@ class Router(keras.layers.Layer):
         self.kernel = self.add_weight(
             name="kernel", shape=(model_dim, self.num_experts), initializer=initializer,
             dtype="float32")
+        self.seed_base, self.seed_step = seeding.add_seed_weights(self, self.seed)
 
     def logits(self, inputs, training=False):
         """Router logits `[..., e]` in float32, with the training perturbation."""
@@ -95,15 +108,15 @@ class Router(keras.layers.Layer):
         return x
 
     def random_seed(self, training):
-        """Seed of the routing function's random policy.
+        """Stateless `[2]` seed of the router's random policies.
 
-        In training, the router's `SeedGenerator`: fresh draws every step.
-        Outside training, the fixed stateless seed `(seed or 0, 0)`: the same
-        inputs always route the same way, so inference is deterministic and a
-        saved and reloaded model predicts exactly as before. (Mesh-TF draws
-        fresh noise at evaluation too.)
+        In training, fresh draws at every call from a stream that checkpoints
+        and `BackupAndRestore` restore (see `tf_moe.seeding`). Outside
+        training, a fixed seed: the same inputs always route the same way, so
+        inference is deterministic and a saved and reloaded model predicts
+        exactly as before. (Mesh-TF draws fresh noise at evaluation too.)
         """
-        return self.seed_generator if training else (self.seed or 0)
+        return seeding.next_seed(self.seed_base, self.seed_step, training)
 
     def route(self, logits, expert_capacity, importance, training):
         raise NotImplementedError(f"{type(self).__name__} must implement route().")
@@ -140,8 +153,14 @@ class TopNRouter(Router):
         use_second_place_loss: also balance the second choices.
         **kwargs: `Router` arguments (`kernel_initializer`, `seed`, ...).
 
+    Returns:
+        A `tf_moe.routing.RoutingResult` with `[g, s, e, c]` tensors (see
+        `Router`).
+
     Example:
     >>> layer = MoELayer(num_experts=8, router=TopNRouter(n=3))
+    >>> layer(tf.zeros([2, 16, 8])).shape
+    TensorShape([2, 16, 8])
     """
 
     def __init__(
@@ -215,8 +234,16 @@ class Top2Router(TopNRouter):
         use_second_place_loss: also balance the second choices.
         **kwargs: `Router` arguments (`kernel_initializer`, `seed`, ...).
 
+    Returns:
+        A `tf_moe.routing.RoutingResult` with `[g, s, e, c]` tensors (see
+        `Router`).
+
     Example:
     >>> layer = MoELayer(num_experts=4, router=Top2Router(second_policy_train="all"))
+    >>> router = Top2Router(num_experts=4, second_policy_eval="all")
+    >>> r = router(tf.random.normal([2, 8, 16]), expert_capacity=4)
+    >>> r.combine_tensor.shape  # [g, s, e, c]
+    TensorShape([2, 8, 4, 4])
     """
 
     def __init__(self, num_experts=None, second_policy_train="random",
@@ -244,8 +271,14 @@ class TruncatedTop2Router(Router):
         num_experts: `e >= 2`, or `None` to take the owning layer's.
         **kwargs: `Router` arguments (`kernel_initializer`, `seed`, ...).
 
+    Returns:
+        A `tf_moe.routing.RoutingResult` with `[g, s, e, c]` tensors (see
+        `Router`).
+
     Example:
     >>> layer = MoELayer(num_experts=8, router="truncated_top_2")
+    >>> layer(tf.zeros([2, 16, 8])).shape
+    TensorShape([2, 16, 8])
     """
 
     min_experts = 2
@@ -287,11 +320,11 @@ class _InputPolicyRouter(Router):
         if not training:
             return x
         if policy == "input_jitter" and self.jitter > 0:
-            noise = keras.random.uniform(tf.shape(x), 1.0 - self.jitter, 1.0 + self.jitter,
-                                         seed=self.seed_generator)
+            noise = seeding.uniform(tf.shape(x), self.random_seed(training),
+                                    1.0 - self.jitter, 1.0 + self.jitter)
             return x * tf.cast(noise, x.dtype)
         if policy == "input_dropout" and self.dropout > 0:
-            return keras.random.dropout(x, self.dropout, seed=self.seed_generator)
+            return seeding.dropout(x, self.dropout, self.random_seed(training))
         return x
 
     def get_config(self):
@@ -320,8 +353,14 @@ class SwitchRouter(_InputPolicyRouter):
             Mesh-TF's `moe_use_second_place_expert_prob`).
         **kwargs: `Router` arguments (`kernel_initializer`, `seed`, ...).
 
+    Returns:
+        A `tf_moe.routing.RoutingResult` with `[g, s, e, c]` tensors (see
+        `Router`).
+
     Example:
     >>> layer = MoELayer(num_experts=8, router=SwitchRouter(policy_train="sample"))
+    >>> layer(tf.zeros([2, 16, 8]), training=True).shape
+    TensorShape([2, 16, 8])
     """
 
     policies = routing.SWITCH_POLICIES
@@ -359,10 +398,19 @@ class SwitchMaxRouter(SwitchRouter):
     """Switch router with batch-prioritised routing (Mesh-TF `_switch_max_gating`).
 
     Each expert keeps the `c` tokens that gave it the highest probability
-    instead of the first `c` to arrive. Arguments as `SwitchRouter`.
+    instead of the first `c` to arrive.
+
+    Args:
+        The arguments of `SwitchRouter`.
+
+    Returns:
+        A `tf_moe.routing.RoutingResult` with `[g, s, e, c]` tensors (see
+        `Router`).
 
     Example:
     >>> layer = MoELayer(num_experts=8, router="switch_max")
+    >>> layer(tf.zeros([2, 16, 8])).shape
+    TensorShape([2, 16, 8])
     """
 
     gating = staticmethod(routing.switch_max_gating)
@@ -386,8 +434,14 @@ class ExpertSelectionRouter(_InputPolicyRouter):
             of experts that picked it.
         **kwargs: `Router` arguments (`kernel_initializer`, `seed`, ...).
 
+    Returns:
+        A `tf_moe.routing.RoutingResult` with `[g, s, e, c]` tensors (see
+        `Router`).
+
     Example:
     >>> layer = MoELayer(num_experts=8, router=ExpertSelectionRouter())
+    >>> layer(tf.zeros([2, 16, 8])).shape
+    TensorShape([2, 16, 8])
     """
 
     def __init__(self, num_experts=None, policy_train="input_jitter",
@@ -425,8 +479,14 @@ class NoisyTopKRouter(Router):
         kernel_initializer: initializer of both kernels (default zeros).
         **kwargs: `Router` arguments (`seed`, ...).
 
+    Returns:
+        A `tf_moe.routing.RoutingResult` with `[g, s, e, c]` tensors (see
+        `Router`).
+
     Example:
     >>> layer = MoELayer(num_experts=8, router=NoisyTopKRouter(k=2))
+    >>> layer(tf.zeros([2, 16, 8]), training=True).shape
+    TensorShape([2, 16, 8])
     """
 
     def __init__(self, num_experts=None, k=2, noise_epsilon=1e-2, noisy_gating=True,

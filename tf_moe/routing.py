@@ -2,8 +2,11 @@
 
 Pure TensorFlow, no variables. Every function takes router logits
 `[..., s, e]` (any leading axes, usually `[g, s, e]`) and returns a
-`RoutingResult` whose tensors are `[..., s, e, c]`. The maths runs in float32
-whatever the dtype of the logits, as in Mesh-TensorFlow's `moe.py`.
+`RoutingResult`: the decision in a sparse form, each token's slot and gate in
+each expert's buffer (`[..., s, e]`, what the index dispatch uses), from which
+the one-hot `[..., s, e, c]` dispatch and combine tensors of the einsum
+dispatch are built when read. The maths runs in float32 whatever the dtype of
+the logits, as in Mesh-TensorFlow's `moe.py`.
 
 Axis letters (used everywhere in tf_moe): `g` groups, `s` tokens per group,
 `e` experts, `c` expert capacity (buffer slots per expert and group).
@@ -27,8 +30,28 @@ SWITCH_POLICIES = ("argmax", "sample", "input_jitter", "input_dropout")
 _EPSILON = 1e-9
 
 
-class RoutingResult(NamedTuple):
+class _RoutingFields(NamedTuple):
+    dispatch_tensor: tf.Tensor
+    combine_tensor: tf.Tensor
+    aux_loss: tf.Tensor
+    z_loss: tf.Tensor
+    metrics: dict
+    expert_slots: tf.Tensor = None
+    expert_gates: tf.Tensor = None
+    expert_capacity: object = None
+
+
+class RoutingResult(_RoutingFields):
     """What a routing function decided for one batch of groups.
+
+    The routing functions return the decision in a sparse form, one entry per
+    token and expert (`expert_slots`, `expert_gates`, `[..., s, e]`: memory
+    `s * e`, no `c` axis), which the index dispatch of `tf_moe.dispatch` uses
+    directly. The dense one-hot tensors `[..., s, e, c]` of Mesh-TF's einsum
+    dispatch are built from it only when they are read (and then kept), so a
+    layer that dispatches by index never builds them. A `RoutingResult` made
+    from dense tensors (the first two positional arguments) keeps them as
+    given.
 
     Attributes:
         dispatch_tensor: float32 `[..., s, e, c]`, 1 where token `s` sits in
@@ -49,13 +72,82 @@ class RoutingResult(NamedTuple):
             `max_load` (the busiest expert's load over the mean load; 1.0 is
             perfect balance) and
             `router_entropy` (mean entropy of the softmax over experts).
+        expert_slots: int32 `[..., s, e]`, the slot of token `s` in the
+            buffer of expert `e`, or -1 where the token is not dispatched to
+            `e` (not chosen, dropped by capacity, or gate 0). A token holds at
+            most one slot per expert. `dispatch_tensor == one_hot(expert_slots,
+            c)`. None for a result made from dense tensors.
+        expert_gates: float32 `[..., s, e]`, the combine weight of token `s`
+            for expert `e` (0 where `expert_slots` is -1).
+            `combine_tensor == expert_gates[..., None] * dispatch_tensor`.
+            Gradients reach the router through these gates only.
+        expert_capacity: `c`, the capacity the result was routed with (an int
+            or a scalar int32 tensor).
+
+    Example:
+    >>> r = top_2_gating(tf.random.normal([1, 8, 4]), 4, second_policy="all")
+    >>> r.dispatch_tensor.shape  # [g, s, e, c]
+    TensorShape([1, 8, 4, 4])
+    >>> bool(tf.reduce_all(r.dispatch_tensor == tf.cast(r.combine_tensor > 0, tf.float32)))
+    True
+    >>> sorted(r.metrics)
+    ['dropped_fraction', 'expert_load', 'max_load', 'routed_fraction', 'router_entropy']
     """
 
-    dispatch_tensor: tf.Tensor
-    combine_tensor: tf.Tensor
-    aux_loss: tf.Tensor
-    z_loss: tf.Tensor
-    metrics: dict
+    @property
+    def dispatch_tensor(self):
+        return self._dense()[0]
+
+    @property
+    def combine_tensor(self):
+        return self._dense()[1]
+
+    def __getitem__(self, index):  # positional access sees the dense tensors too
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(len(self))[index])
+        if index in (0, 1, -len(self), 1 - len(self)):
+            return self._dense()[index % len(self)]
+        return tuple.__getitem__(self, index)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def _dense(self):
+        stored = (tuple.__getitem__(self, 0), tuple.__getitem__(self, 1))
+        if stored[0] is not None and stored[1] is not None:
+            return stored
+        cache = self.__dict__.get("_dense_cache")
+        if cache is None:
+            if self.expert_slots is None:
+                raise ValueError("This RoutingResult holds neither dense nor sparse routing.")
+            dispatch = tf.one_hot(self.expert_slots, self.expert_capacity, dtype=tf.float32)
+            cache = (dispatch, self.expert_gates[..., None] * dispatch)
+            self.__dict__["_dense_cache"] = cache
+        return cache
+
+    @classmethod
+    def from_sparse(cls, expert_slots, expert_gates, expert_capacity, aux_loss, z_loss,
+                    metrics):
+        """A result whose dense tensors are built from `expert_slots` on demand.
+
+        Args:
+            expert_slots: int32 `[..., s, e]`, slot per token and expert, -1 for none.
+            expert_gates: float32 `[..., s, e]`, 0 where `expert_slots` is -1.
+            expert_capacity: `c`, an int or a scalar int32 tensor.
+            aux_loss, z_loss, metrics: as the attributes of the same names.
+
+        Returns:
+            A `RoutingResult`.
+
+        Example:
+        >>> r = RoutingResult.from_sparse(tf.constant([[[0, -1], [1, 0]]]),
+        ...                               tf.constant([[[0.5, 0.0], [0.25, 1.0]]]), 2,
+        ...                               0.0, 0.0, {})
+        >>> r.combine_tensor[0, :, 0].numpy().tolist()  # expert 0: token 0 in slot 0, token 1 in 1
+        [[0.5, 0.0], [0.0, 0.25]]
+        """
+        return cls(None, None, aux_loss, z_loss, metrics, expert_slots, expert_gates,
+                   expert_capacity)
 
 
 def expert_capacity(group_size, num_experts, capacity_factor, min_expert_capacity=4):
@@ -373,8 +465,9 @@ def _switch(logits, expert_capacity, importance, policy, temperature,
         _check_capacity_within_group(expert_capacity, logits)
         # Each expert ranks the tokens that chose it by gate; others score -1.
         taken = _experts_take_top_c(tf.where(mask > 0, gate[..., None], -1.0), expert_capacity)
-        combine = taken * (gate[..., None] * mask)[..., None]
-        return _result(combine, aux_loss, logits, importance, requested=mask)
+        gates = (gate[..., None] * mask) * tf.cast(taken >= 0, tf.float32)
+        return _result((taken, gates), aux_loss, logits, importance, requested=mask,
+                       expert_capacity=expert_capacity)
     queue = _BufferQueue(expert_capacity)
     queue.push(mask, gate)
     return _result(queue, aux_loss, logits, importance)
@@ -527,6 +620,18 @@ def cv_squared(x):
 
     The unbiased variance (as the reference's `torch.var`); 0 for one element.
     Finite, with finite gradients, when all elements are equal.
+
+    Args:
+        x: `[k]` numbers, e.g. per-expert importance or load.
+
+    Returns:
+        A float32 scalar: 0 for a perfectly even `x`.
+
+    Example:
+    >>> float(cv_squared(tf.constant([1.0, 1.0, 1.0, 1.0])))
+    0.0
+    >>> round(float(cv_squared(tf.constant([4.0, 0.0, 0.0, 0.0]))), 6)  # all on one expert
+    4.0
     """
     x = tf.cast(x, tf.float32)
     size = x.shape[-1]
@@ -587,11 +692,12 @@ def expert_selection_gating(
     gates = raw_gates
     if importance is not None:  # an all-padding group has a uniform softmax, not zeros
         gates *= _importance_weight(importance, logits, lambda imp: imp > 0.0)[..., None]
-    combine = _experts_take_top_c(raw_gates, expert_capacity) * gates[..., None]
+    taken = _experts_take_top_c(raw_gates, expert_capacity)  # [..., s, e] slots
+    gates = tf.cast(taken >= 0, tf.float32) * gates
     if normalize_by_num_experts_routed:
         num_experts_routed = tf.reduce_sum(
-            tf.cast(combine > 0.0, tf.float32), axis=[-2, -1], keepdims=True)
-        combine /= tf.maximum(num_experts_routed, 1.0)
+            tf.cast(gates > 0.0, tf.float32), axis=-1, keepdims=True)
+        gates /= tf.maximum(num_experts_routed, 1.0)
 
     token_prob = tf.reduce_mean(raw_gates, axis=-1)  # [..., s]
     if importance is None:
@@ -602,7 +708,8 @@ def expert_selection_gating(
             _importance_weight(importance, logits, lambda imp: imp), axis=-1, keepdims=True)
     aux_loss = tf.reduce_mean(token_prob * token_prob * true_group_size) * tf.cast(
         group_size, tf.float32)
-    return _result(combine, aux_loss, logits, importance)
+    return _result((taken, gates), aux_loss, logits, importance,
+                   expert_capacity=expert_capacity)
 
 
 # ----------------------------------------------------------------------------
@@ -616,7 +723,9 @@ class _BufferQueue:
     Each `push` queues one choice of every token of the group (`[..., s, e]`
     one-hot mask) behind everything pushed before: a token's position is the
     exclusive cumsum of the mask over `s` plus the slots already taken, and a
-    choice at position `>= c` is dropped.
+    choice at position `>= c` is dropped. A token never holds two slots of one
+    expert (its choices are distinct experts, or a choice replaces one that
+    was dropped), so the kept choices add up to one slot per token and expert.
     """
 
     def __init__(self, expert_capacity):
@@ -624,7 +733,8 @@ class _BufferQueue:
         self.capacity = expert_capacity
         self.filled = 0.0  # [..., 1, e] slots taken per expert
         self.requested = 0.0  # [..., s, e] choices before capacity
-        self.slots = []  # [..., s, e, c] one-hot slot of each kept choice
+        self.kept = []  # [..., s, e] 0/1 kept part of each choice
+        self.positions = []  # [..., s, e] slot of each kept choice
         self.gates = []  # [..., s] gate of each choice
 
     def push(self, mask, gate=None):
@@ -633,16 +743,17 @@ class _BufferQueue:
         position = (tf.cumsum(mask, axis=-2, exclusive=True) + self.filled) * mask
         kept = mask * tf.cast(position < tf.cast(self.capacity, tf.float32), tf.float32)
         self.filled += tf.reduce_sum(kept, axis=-2, keepdims=True)
-        slot = tf.one_hot(tf.cast(position, tf.int32), self.capacity, dtype=tf.float32)
-        self.slots.append(kept[..., None] * slot)
+        self.kept.append(kept)
+        self.positions.append(position * kept)
         if gate is not None:
             self.gates.append(gate)
         return kept
 
-    def combine(self):
-        """`sum_k gate_k * slot_k`, `[..., s, e, c]`."""
-        return tf.add_n([gate[..., None, None] * slot
-                         for gate, slot in zip(self.gates, self.slots)])
+    def sparse(self):
+        """`(expert_slots, expert_gates)`, `[..., s, e]`: `sum_k` of the kept choices."""
+        slots = tf.cast(tf.add_n(self.positions), tf.int32)
+        gates = tf.add_n([gate[..., None] * kept for gate, kept in zip(self.gates, self.kept)])
+        return slots, gates
 
 
 def _experts_take_top_c(scores, expert_capacity):
@@ -653,11 +764,21 @@ def _experts_take_top_c(scores, expert_capacity):
         expert_capacity: `c <= s`.
 
     Returns:
-        One-hot `[..., s, e, c]`.
+        int32 `[..., s, e]`: the slot of each token in each expert's buffer,
+        -1 where the expert did not take it.
     """
     _, token_index = tf.math.top_k(tf.einsum("...se->...es", scores), k=expert_capacity)
-    taken = tf.one_hot(token_index, tf.shape(scores)[-2], dtype=tf.float32)  # [..., e, c, s]
-    return tf.einsum("...ecs->...sec", taken)
+    shape = tf.shape(scores)
+    group_size, num_experts = shape[-2], shape[-1]
+    token_index = tf.reshape(token_index, [-1, num_experts, tf.shape(token_index)[-1]])
+    batch, capacity = tf.shape(token_index)[0], tf.shape(token_index)[-1]
+    # Scatter slot j + 1 to [b, token, e] (each receives at most one), then shift to -1.
+    b = tf.broadcast_to(tf.range(batch)[:, None, None], tf.shape(token_index))
+    e = tf.broadcast_to(tf.range(num_experts)[None, :, None], tf.shape(token_index))
+    j = tf.broadcast_to(tf.range(capacity)[None, None, :], tf.shape(token_index))
+    slots = tf.scatter_nd(tf.stack([b, token_index, e], axis=-1), j + 1,
+                          tf.stack([batch, group_size, num_experts])) - 1
+    return tf.reshape(slots, shape)
 
 
 def _balance_loss(density_proxy, mask):
@@ -668,17 +789,21 @@ def _balance_loss(density_proxy, mask):
     return tf.reduce_mean(proxy * density) * num_experts * num_experts
 
 
-def _result(combine, aux_loss, logits, importance, requested=None):
-    """The `RoutingResult`; `combine` may be a `_BufferQueue`."""
-    if isinstance(combine, _BufferQueue):
-        combine, requested = combine.combine(), combine.requested
-    dispatch = tf.cast(combine > 0.0, tf.float32)
-    return RoutingResult(
-        dispatch_tensor=dispatch,
-        combine_tensor=combine,
+def _result(choices, aux_loss, logits, importance, requested=None, expert_capacity=None):
+    """The `RoutingResult` of `choices`, a `_BufferQueue` or `(slots, gates)` `[..., s, e]`."""
+    if isinstance(choices, _BufferQueue):
+        expert_capacity, requested = choices.capacity, choices.requested
+        choices = choices.sparse()
+    slots, gates = choices
+    dispatched = gates > 0.0  # dispatch == combine > 0, as the dense tensors always were
+    slots = tf.where(dispatched, slots, -1)
+    return RoutingResult.from_sparse(
+        expert_slots=slots,
+        expert_gates=gates,
+        expert_capacity=expert_capacity,
         aux_loss=aux_loss,
         z_loss=router_z_loss(logits, importance),
-        metrics=routing_metrics(dispatch, logits, importance, requested),
+        metrics=_choice_metrics(tf.cast(dispatched, tf.float32), logits, importance, requested),
     )
 
 
@@ -695,17 +820,29 @@ def routing_metrics(dispatch_tensor, logits, importance=None, requested=None):
 
     Returns:
         The dict described in `RoutingResult.metrics`.
+
+    Example:
+    >>> r = switch_gating(tf.constant([[[1.0, 0.0]] * 8]), 2)  # 8 tokens want expert 0
+    >>> metrics = routing_metrics(r.dispatch_tensor, tf.constant([[[1.0, 0.0]] * 8]))
+    >>> float(metrics["dropped_fraction"]), metrics["expert_load"].numpy().tolist()
+    (0.75, [1.0, 0.0])
     """
+    return _choice_metrics(tf.reduce_sum(dispatch_tensor, axis=-1), logits, importance,
+                           requested)
+
+
+def _choice_metrics(dispatched, logits, importance=None, requested=None):
+    """`routing_metrics` from `dispatched [..., s, e]`, the slots each token holds."""
     logits = _float32_logits(logits)
     num_experts = logits.shape[-1]
     counted = _importance_weight(importance, logits, lambda imp: imp > 0.0)
-    reached = tf.cast(tf.reduce_sum(dispatch_tensor, axis=[-2, -1]) > 0.0, tf.float32)
+    reached = tf.cast(tf.reduce_sum(dispatched, axis=-1) > 0.0, tf.float32)
     num_counted = tf.reduce_sum(counted)
     routed = tf.reduce_sum(reached * counted) / tf.maximum(num_counted, 1.0)
     dropped = (num_counted - tf.reduce_sum(reached * counted)) / tf.maximum(num_counted, 1.0)
 
     if requested is None:
-        requested = tf.reduce_sum(dispatch_tensor, axis=-1)
+        requested = dispatched
     per_expert = tf.reduce_sum(tf.reshape(requested, [-1, num_experts]), axis=0)
     load = per_expert / tf.maximum(tf.reduce_sum(per_expert), 1.0)
 
@@ -741,9 +878,11 @@ def _second_place_policy(mask, gate, policy, threshold, seed, salt=0):
 
 
 def _uniform(shape, seed, minval=0.0, salt=0):
-    """Uniform samples in `[minval, 1)`, seeded like Keras' random ops.
+    """Uniform samples in `[minval, 1)`.
 
-    `salt` gives different draws for the same int seed.
+    `seed`: None (stateful op), a `keras.random.SeedGenerator`, an int, or a
+    stateless `[2]` int seed tensor. `salt` gives different draws for the same
+    int or tensor seed.
     """
     if seed is None:
         return tf.random.uniform(shape, minval=minval, maxval=1.0)
@@ -752,6 +891,8 @@ def _uniform(shape, seed, minval=0.0, salt=0):
                        tf.float32)
     if isinstance(seed, int):
         seed = [seed, salt]
+    elif salt:  # a [2] seed tensor: a different stream per salt
+        seed = tf.random.experimental.stateless_fold_in(seed, salt)
     return tf.random.stateless_uniform(shape, seed=seed, minval=minval, maxval=1.0,
                                        alg="philox")  # same draws with and without XLA
 

@@ -1,0 +1,166 @@
+"""RouterTensorBoard: the event files hold the router views, readable by TensorBoard."""
+
+import glob
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_moe
+
+
+def read_events(run_dir):
+    """{tag: [(step, value)]} of every event file under `run_dir` (scalars as floats,
+    histograms as `[k, 3]` arrays)."""
+    values = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                array = tf.make_ndarray(value.tensor)
+                plugin = value.metadata.plugin_data.plugin_name
+                values.setdefault(value.tag, []).append((event.step, plugin, array))
+    return values
+
+
+def _data(seed=0, count=48, length=8, width=8):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(count, length, width)).astype("float32")
+    y = (x[..., :1] > 0).astype("float32")
+    return x, y
+
+
+def _fit(model, callbacks, epochs=2, validation=False, **kwargs):
+    x, y = _data()
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    model.fit(x, y, batch_size=16, epochs=epochs, verbose=0, callbacks=callbacks,
+              validation_split=0.25 if validation else 0.0, **kwargs)
+    return x
+
+
+def test_epoch_mode_writes_training_metrics_and_probe_views(tmp_path):
+    x, _ = _data()
+    model = keras.Sequential([keras.Input((8, 8)), tf_moe.MoELayer(4, name="moe", seed=0),
+                              keras.layers.Dense(1)])
+    _fit(model, [tf_moe.RouterTensorBoard(tmp_path, probe=x[:8])], epochs=3, validation=True)
+
+    train = read_events(tmp_path / "train")
+    for key in ("balance_loss", "z_loss", "dropped", "max_load"):
+        steps = [step for step, plugin, _ in train[f"moe/{key}"]]
+        assert steps == [0, 1, 2]
+        assert all(plugin == "scalars" for _, plugin, _ in train[f"moe/{key}"])
+    for key in ("probe_balance_loss", "probe_z_loss", "probe_dropped", "probe_max_load",
+                "probe_router_entropy", "probe_routed_fraction"):
+        assert [step for step, _, _ in train[f"moe/{key}"]] == [0, 1, 2], key
+    histograms = train["moe/expert_load"]
+    assert [step for step, _, _ in histograms] == [0, 1, 2]
+    for _, plugin, buckets in histograms:
+        assert plugin == "histograms"
+        assert buckets.shape == (4, 3)  # one bucket per expert: left, right, load
+        np.testing.assert_allclose(buckets[:, 0], [0, 1, 2, 3])
+        np.testing.assert_allclose(buckets[:, 2].sum(), 1.0, rtol=1e-5)
+    # The probe's numbers are the layer's route() on the probe after the last epoch.
+    routed = model.get_layer("moe").route(x[:8])
+    np.testing.assert_allclose(histograms[-1][2][:, 2], routed["expert_load"], rtol=1e-5)
+    np.testing.assert_allclose(train["moe/probe_dropped"][-1][2],
+                               routed["dropped_fraction"], rtol=1e-5)
+
+    validation = read_events(tmp_path / "validation")
+    assert [step for step, _, _ in validation["moe/dropped"]] == [0, 1, 2]
+
+
+def test_training_metrics_match_the_fit_logs(tmp_path):
+    model = keras.Sequential([keras.Input((8, 8)), tf_moe.MoELayer(4, name="moe", seed=0),
+                              keras.layers.Dense(1)])
+    x, y = _data()
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    history = model.fit(x, y, batch_size=16, epochs=2, verbose=0,
+                        callbacks=[tf_moe.RouterTensorBoard(tmp_path)])
+    train = read_events(tmp_path / "train")
+    for key in ("balance_loss", "dropped", "max_load", "z_loss"):
+        written = [float(value) for _, _, value in train[f"moe/{key}"]]
+        np.testing.assert_allclose(written, history.history[f"moe_{key}"], rtol=1e-5)
+    assert "moe/expert_load" not in train  # no probe, no histogram
+
+
+def test_batch_mode_writes_per_step_values(tmp_path):
+    x, _ = _data()
+    model = keras.Sequential([keras.Input((8, 8)), tf_moe.MoELayer(4, name="moe", seed=0),
+                              keras.layers.Dense(1)])
+    callback = tf_moe.RouterTensorBoard(tmp_path, probe=x[:4], update_freq=1)
+    _fit(model, [callback], epochs=2)  # 3 batches per epoch
+    train = read_events(tmp_path / "train")
+    assert [step for step, _, _ in train["moe/expert_load"]] == [1, 2, 3, 4, 5, 6]
+    assert [step for step, _, _ in train["moe/dropped"]] == [1, 2, 3, 4, 5, 6]
+    values = [float(v) for _, _, v in train["moe/balance_loss"]]
+    assert all(np.isfinite(values)) and all(v > 0 for v in values)
+
+
+def test_every_n_batches(tmp_path):
+    x, _ = _data()
+    model = keras.Sequential([keras.Input((8, 8)), tf_moe.MoELayer(4, name="moe", seed=0),
+                              keras.layers.Dense(1)])
+    _fit(model, [tf_moe.RouterTensorBoard(tmp_path, probe=x[:4], update_freq=2)], epochs=2)
+    train = read_events(tmp_path / "train")
+    assert [step for step, _, _ in train["moe/expert_load"]] == [2, 4, 6]
+
+
+def test_hierarchical_and_nested_layers_in_a_functional_model(tmp_path):
+    x, _ = _data()
+    inputs = keras.Input((8, 8))
+    h = keras.layers.Dense(8)(inputs)
+    h = tf_moe.HierarchicalMoELayer((2, 2), name="hmoe", seed=0)(h)
+    h = tf_moe.MoELayer(4, router="switch", name="top", seed=1)(h)
+    model = keras.Model(inputs, keras.layers.Dense(1)(h))
+    _fit(model, [tf_moe.RouterTensorBoard(tmp_path, probe=x[:4])], epochs=2)
+    train = read_events(tmp_path / "train")
+    assert train["hmoe/outer_expert_load"][0][2].shape == (2, 3)
+    assert train["hmoe/inner_expert_load"][0][2].shape == (2, 3)
+    for key in ("outer_balance_loss", "inner_balance_loss", "outer_dropped", "inner_dropped",
+                "dropped", "outer_max_load", "inner_max_load"):
+        assert f"hmoe/{key}" in train, key
+    for key in ("probe_outer_balance_loss", "probe_inner_z_loss", "probe_dropped"):
+        assert f"hmoe/{key}" in train, key
+    assert train["top/expert_load"][0][2].shape == (4, 3)
+    # The probe goes through the layers before each MoE layer with their current weights.
+    top = model.get_layer("top")
+    routed = top.route(keras.Model(model.input, top.input)(x[:4]))
+    np.testing.assert_allclose(train["top/expert_load"][-1][2][:, 2], routed["expert_load"],
+                               rtol=1e-5)
+
+
+def test_layers_argument_and_errors(tmp_path):
+    x, _ = _data()
+    model = keras.Sequential([keras.Input((8, 8)), tf_moe.MoELayer(4, name="a"),
+                              tf_moe.MoELayer(4, name="b"), keras.layers.Dense(1)])
+    _fit(model, [tf_moe.RouterTensorBoard(tmp_path, probe=x[:4], layers=["b"])], epochs=1)
+    train = read_events(tmp_path / "train")
+    assert "b/expert_load" in train and not any(tag.startswith("a/") for tag in train)
+
+    with pytest.raises(ValueError, match="no MoE layer named"):
+        _fit(model, [tf_moe.RouterTensorBoard(tmp_path, layers=["c"])], epochs=1)
+    dense = keras.Sequential([keras.Input((8, 8)), keras.layers.Dense(1)])
+    with pytest.raises(ValueError, match="no MoELayer"):
+        _fit(dense, [tf_moe.RouterTensorBoard(tmp_path)], epochs=1)
+    with pytest.raises(ValueError, match="update_freq"):
+        tf_moe.RouterTensorBoard(tmp_path, update_freq=0)
+
+
+def test_alongside_keras_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    x, _ = _data()
+    model = keras.Sequential([keras.Input((8, 8)), tf_moe.MoELayer(4, name="moe", seed=0),
+                              keras.layers.Dense(1)])
+    _fit(model, [keras.callbacks.TensorBoard(str(tmp_path)),
+                 tf_moe.RouterTensorBoard(tmp_path, probe=x[:4])], epochs=2, validation=True)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(tmp_path / "train"), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()["tensors"]
+    assert "epoch_loss" in tags and "epoch_moe_dropped" in tags  # Keras' own
+    assert {"moe/expert_load", "moe/dropped", "moe/balance_loss", "moe/z_loss"} <= set(tags)
+    events = accumulator.Tensors("moe/expert_load")
+    assert [event.step for event in events] == [0, 1]
+    assert tf.make_ndarray(events[-1].tensor_proto).shape == (4, 3)

@@ -1,0 +1,177 @@
+"""Index dispatch (gather/scatter) against Mesh-TF's einsum dispatch, and dropless mode."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_moe
+from tf_moe import dispatch, routing
+from tf_moe.routers import ROUTERS
+
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+# Three groups of 20 with 10 padding tokens, a Keras mask, and a capacity
+# factor that overflows the buffers.
+INPUTS = tf.random.stateless_normal([2, 25, 12], seed=[1, 2])
+MASK = tf.sequence_mask([25, 17], 25)
+OVERFLOW = dict(group_size=20, capacity_factor_train=0.6, capacity_factor_eval=0.8,
+                min_expert_capacity=1)
+
+
+def _moe(router, dispatch_name, **kwargs):
+    options = dict(OVERFLOW, num_experts=4, router=router, expert_hidden_dim=8, seed=5,
+                   second_policy_train="all", second_policy_eval="threshold",
+                   dispatch=dispatch_name)
+    options.update(kwargs)
+    return tf_moe.MoELayer(**options)
+
+
+def _hierarchical(dispatch_name, **kwargs):
+    options = dict(OVERFLOW, num_experts=(2, 3), expert_hidden_dim=8, seed=5,
+                   capacity_factor_second_level=0.7, activation=["gelu", "linear"],
+                   dispatch=dispatch_name)
+    options.update(kwargs)
+    return tf_moe.HierarchicalMoELayer(**options)
+
+
+def _outputs_and_gradients(layer, training, jit_compile=False, mask=MASK):
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=training, mask=mask)
+            loss = tf.reduce_sum(tf.sin(y) * y) + tf.add_n(layer.losses)
+        return [y, loss] + tape.gradient(loss, [x] + layer.trainable_weights)
+
+    if jit_compile:
+        step = tf.function(step, jit_compile=True)
+    return [None if t is None else t.numpy() for t in step(INPUTS)]  # None: no gradient
+
+
+def _compare(make, training, jit_compile=False, mask=MASK):
+    einsum = make("einsum")
+    einsum.build(INPUTS.shape)
+    gather = make("gather")
+    gather.build(INPUTS.shape)
+    gather.set_weights(einsum.get_weights())
+    expected = _outputs_and_gradients(einsum, training, jit_compile, mask)
+    got = _outputs_and_gradients(gather, training, jit_compile, mask)
+    assert len(expected) == len(got) == 3 + len(einsum.trainable_weights)
+    for a, b in zip(expected, got):
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_allclose(b, a, **TOLERANCE)
+    return einsum, gather, got
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_gather_equals_einsum_for_every_router(router, training):
+    einsum, gather, _ = _compare(lambda d: _moe(router, d), training)
+    for key in ("balance_loss", "dropped", "max_load", "z_loss"):
+        np.testing.assert_allclose(gather._metric_trackers[key].result(),
+                                   einsum._metric_trackers[key].result(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("router", ["top_2", "expert_selection", "switch_max"])
+def test_gather_equals_einsum_under_jit_compile(router):
+    _compare(lambda d: _moe(router, d), training=True, jit_compile=True)
+
+
+def test_gather_equals_einsum_without_mask_and_glu_experts():
+    _compare(lambda d: _moe("top_n", d, activation=["gelu", "linear"]), True, mask=None)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_hierarchical_gather_equals_einsum(training, jit_compile):
+    einsum, gather, _ = _compare(
+        lambda d: _hierarchical(d, second_policy_train="all"), training, jit_compile)
+    np.testing.assert_allclose(gather._metric_trackers["dropped"].result(),
+                               einsum._metric_trackers["dropped"].result(), rtol=1e-6)
+    assert float(einsum._metric_trackers["dropped"].result()) > 0  # capacity overflowed
+
+
+@pytest.mark.parametrize("router", ["top_2", "switch", "noisy_top_k", "switch_max"])
+def test_dropless_drops_nothing_and_equals_einsum_with_capacity_s(router):
+    def make(name):
+        if name == "einsum":  # capacity factor e gives c = s
+            return _moe(router, "einsum", capacity_factor_train=4.0, capacity_factor_eval=4.0)
+        return _moe(router, "gather", dropless=True)
+
+    _, gather, _ = _compare(make, training=True)
+    assert float(gather._metric_trackers["dropped"].result()) == 0.0
+    _compare(make, training=True, jit_compile=True)  # static buffers of s slots under XLA
+
+
+def test_hierarchical_dropless_drops_nothing():
+    def make(name):
+        if name == "einsum":
+            return _hierarchical("einsum", capacity_factor_train=2.0,
+                                 capacity_factor_second_level=3.0)
+        return _hierarchical("gather", dropless=True)
+
+    _, gather, _ = _compare(make, training=True)
+    assert float(gather._metric_trackers["dropped"].result()) == 0.0
+
+
+def test_dropless_buffers_are_sized_by_the_fullest_expert():
+    layer = _moe("switch", "gather", dropless=True, group_size=64)
+    x = tf.random.stateless_normal([64, 12], seed=[3, 4])
+    result = layer._route(x, None, True)[1]
+    fullest = int(tf.reduce_max(result.expert_slots)) + 1
+    assert result.expert_capacity == 64
+    assert int(dispatch.buffer_capacity(result.expert_slots, 64, dropless=True)) == fullest < 64
+
+
+def test_sparse_form_shapes_and_dense_equivalence():
+    logits = tf.random.stateless_normal([3, 20, 4], seed=[5, 6])
+    for name, gating in [("top_2", routing.top_2_gating),
+                         ("expert_selection", routing.expert_selection_gating)]:
+        r = gating(logits, 5)
+        assert r.expert_slots.shape == [3, 20, 4] and r.expert_slots.dtype == tf.int32, name
+        assert r.expert_gates.shape == [3, 20, 4], name
+        assert r.expert_slots.numpy().max() < 5
+        dense = tf.one_hot(r.expert_slots, 5)
+        np.testing.assert_array_equal(r.dispatch_tensor.numpy(), dense.numpy())
+        np.testing.assert_array_equal(r.combine_tensor.numpy(),
+                                      (r.expert_gates[..., None] * dense).numpy())
+        np.testing.assert_array_equal(r[0].numpy(), r.dispatch_tensor.numpy())
+        token_index, slot_gates = dispatch.slot_map(r.expert_slots, r.expert_gates, 5)
+        assert token_index.shape == slot_gates.shape == [3, 4, 5]
+
+
+def _op_shapes(layer):
+    x = tf.TensorSpec([4, 64, 12])
+
+    @tf.function
+    def step(x):
+        return layer(x, training=True)
+
+    graph = step.get_concrete_function(x).graph
+    return [tuple(out.shape.as_list()) for op in graph.get_operations() for out in op.outputs
+            if out.shape.rank is not None]
+
+
+def test_index_path_builds_no_dense_routing_tensor():
+    # g=4 groups of s=64 tokens, e=4 experts, c=int(64 * 0.6 / 4)=9.
+    dense = (4, 64, 4, 9)
+    einsum = _op_shapes(_moe("top_2", "einsum", group_size=64))
+    gather = _op_shapes(_moe("top_2", "gather", group_size=64))
+    assert dense in einsum
+    assert dense not in gather
+    assert max(int(np.prod(s)) for s in gather if len(s) >= 4 and None not in s) < 4 * 64 * 4 * 9
+
+
+def test_config_round_trip_and_validation():
+    layer = _moe("top_2", "gather", dropless=True)
+    config = layer.get_config()
+    assert config["dispatch"] == "gather" and config["dropless"] is True
+    assert tf_moe.MoELayer.from_config(config).dispatch == "gather"
+    h = _hierarchical("einsum", dropless=True).get_config()
+    assert h["dispatch"] == "einsum" and h["dropless"] is True
+    with pytest.raises(ValueError, match="dispatch"):
+        _moe("top_2", "scatter")
+    with pytest.raises(ValueError, match="dropless"):
+        _moe("expert_selection", "gather", dropless=True)
+    with pytest.raises(TypeError, match="dropless"):
+        _moe("top_2", "gather", dropless=1)
+    assert dispatch.resolve("auto") == "gather"  # no TPU on the test machine

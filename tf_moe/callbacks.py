@@ -1,0 +1,323 @@
+"""TensorBoard views of the routers: expert load, dropped tokens and router losses.
+
+`RouterTensorBoard` is a Keras callback. It writes, for every `MoELayer` and
+`HierarchicalMoELayer` of the model (tags prefixed by the layer's name, so each
+layer gets its own section in TensorBoard):
+
+* the layer's training metrics (`balance_loss`, `z_loss`, `dropped`,
+  `max_load`; the hierarchical layer's `outer_`/`inner_` ones) as scalars,
+  averaged over the batches since the previous write;
+* with a `probe` batch, how the layer routes that fixed batch at each write:
+  a histogram of the expert load (one bucket per expert: bucket `i` spans
+  `[i, i + 1)` and holds expert `i`'s share of the token choices; the
+  hierarchical layer writes `outer_expert_load` over `x` groups and
+  `inner_expert_load` over `y` experts), and the probe's dropped fraction,
+  balance loss, z-loss, max load and router entropy as `probe_*` scalars.
+
+The events go to `log_dir/train` (and `log_dir/validation` for the `val_`
+metrics), the run directories of `keras.callbacks.TensorBoard`: give both
+callbacks the same `log_dir` and the router views sit next to the loss curves.
+The summaries are written with `tf.summary.write` in TensorBoard's scalar and
+histogram formats, so the callback works whether or not the `tensorboard`
+package is installed (it is needed to view them, and by
+`keras.callbacks.TensorBoard`).
+"""
+
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
+
+from tf_moe.hierarchical import HierarchicalMoELayer
+from tf_moe.layers import MoELayer
+
+_MOE_LAYERS = (MoELayer, HierarchicalMoELayer)
+# Names of the `route()` outputs in the tags: the training metrics' names.
+_RENAME = {"aux_loss": "balance_loss", "dropped_fraction": "dropped"}
+
+
+def _metadata(plugin_name, data_class):
+    return summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin_name),
+        data_class=data_class)
+
+
+_SCALAR_METADATA = _metadata("scalars", summary_pb2.DATA_CLASS_SCALAR)
+_HISTOGRAM_METADATA = _metadata("histograms", summary_pb2.DATA_CLASS_TENSOR)
+
+
+def write_scalar(tag, value, step):
+    """Writes a scalar summary to the default summary writer.
+
+    The same event as `tf.summary.scalar`, without needing the `tensorboard`
+    package.
+
+    Args:
+        tag: the summary's name, e.g. `"moe/dropped"`.
+        value: a number or a scalar tensor.
+        step: int, the x axis in TensorBoard.
+
+    Returns:
+        True if a summary was written (a default writer is active), else False.
+
+    Example:
+    >>> import tempfile
+    >>> with tf.summary.create_file_writer(tempfile.mkdtemp()).as_default():
+    ...     write_scalar("moe/dropped", 0.25, step=1)
+    True
+    """
+    return bool(tf.summary.write(
+        tag, tf.cast(tf.convert_to_tensor(value), tf.float32), step=step,
+        metadata=_SCALAR_METADATA))
+
+
+def write_load_histogram(tag, load, step):
+    """Writes one bucket per expert as a TensorBoard histogram.
+
+    Bucket `i` spans `[i, i + 1)` and holds `load[i]`, so TensorBoard's
+    histogram view shows the load of each expert, step after step.
+
+    Args:
+        tag: the summary's name, e.g. `"moe/expert_load"`.
+        load: `[e]` numbers, e.g. each expert's share of the token choices.
+        step: int, the x axis in TensorBoard.
+
+    Returns:
+        True if a summary was written (a default writer is active), else False.
+
+    Example:
+    >>> import tempfile
+    >>> with tf.summary.create_file_writer(tempfile.mkdtemp()).as_default():
+    ...     write_load_histogram("moe/expert_load", [0.5, 0.25, 0.25], step=1)
+    True
+    """
+    load = np.asarray(load, dtype=np.float64).reshape(-1)
+    edges = np.arange(load.size + 1, dtype=np.float64)
+    buckets = np.stack([edges[:-1], edges[1:], load], axis=-1)  # [e, 3]: left, right, count
+    return bool(tf.summary.write(tag, tf.constant(buckets), step=step,
+                                 metadata=_HISTOGRAM_METADATA))
+
+
+def moe_layers(model):
+    """Every `MoELayer` and `HierarchicalMoELayer` inside `model`, nested ones too.
+
+    Args:
+        model: a Keras model or layer.
+
+    Returns:
+        A list of layers, in the order Keras tracks them.
+
+    Example:
+    >>> model = keras.Sequential([keras.Input((8, 16)), MoELayer(num_experts=4, name="moe"),
+    ...                           keras.layers.Dense(3)])
+    >>> [layer.name for layer in moe_layers(model)]
+    ['moe']
+    """
+    found, seen = [], set()
+
+    def visit(layer):
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        if isinstance(layer, _MOE_LAYERS):
+            found.append(layer)
+            return
+        children = getattr(layer, "_layers", None) or getattr(layer, "layers", None) or []
+        for child in children:
+            visit(child)
+
+    visit(model)
+    return found
+
+
+class RouterTensorBoard(keras.callbacks.Callback):
+    """Writes the routers' health to TensorBoard: expert load, dropped tokens, losses.
+
+    See the module docstring for the tags. Use it alone or next to
+    `keras.callbacks.TensorBoard(log_dir)` with the same `log_dir`; then run
+    `tensorboard --logdir log_dir` (or `%tensorboard --logdir log_dir` in
+    Colab) and open the section named after each MoE layer.
+
+    Args:
+        log_dir: the directory of the run; events go to `log_dir/train` and
+            `log_dir/validation`.
+        probe: optional fixed batch of model inputs (array, tensor, or the
+            tuple / dict the model takes), routed at every write with each
+            layer's `route()` (evaluation capacity and policies unless
+            `probe_training`): it gives the expert-load histograms. A few
+            hundred tokens are enough. The inputs of each MoE layer are
+            computed from it by a sub-model of the functional or Sequential
+            model; for a subclassed model, give the MoE layer's own input.
+        update_freq: `"epoch"` (write at the end of each epoch, x axis =
+            epoch, like `keras.callbacks.TensorBoard`'s `epoch_` scalars),
+            `"batch"` or an int `N` (write every `N` training batches, x axis
+            = the optimizer's step).
+        probe_training: route the probe as in training (training capacity
+            factor and random policies) instead of as in evaluation.
+        layers: optional list of names of the MoE layers to watch; default:
+            every MoE layer of the model.
+
+    Returns:
+        A Keras callback for `model.fit(callbacks=[...])`.
+
+    Example:
+    >>> import tempfile
+    >>> x = np.random.default_rng(0).normal(size=(32, 8, 16)).astype("float32")
+    >>> model = keras.Sequential([keras.Input((8, 16)), MoELayer(num_experts=4, name="moe"),
+    ...                           keras.layers.Dense(1)])
+    >>> model.compile("adam", "mse")
+    >>> log_dir = tempfile.mkdtemp()
+    >>> history = model.fit(x, x[..., :1], epochs=2, verbose=0,
+    ...                     callbacks=[RouterTensorBoard(log_dir, probe=x[:4])])
+    >>> sorted(os.listdir(log_dir))
+    ['train']
+    """
+
+    def __init__(self, log_dir="logs", probe=None, update_freq="epoch", probe_training=False,
+                 layers=None):
+        super().__init__()
+        if update_freq == "batch":
+            update_freq = 1
+        if update_freq != "epoch" and (not isinstance(update_freq, int)
+                                       or isinstance(update_freq, bool) or update_freq < 1):
+            raise ValueError(
+                f"update_freq must be 'epoch', 'batch' or an int >= 1, got {update_freq!r}.")
+        self.log_dir = os.fspath(log_dir)
+        self.probe = probe
+        self.update_freq = update_freq
+        self.probe_training = bool(probe_training)
+        self.layer_names = None if layers is None else list(layers)
+        self._writers = {}
+        self._layers = None
+        self._extractor = None  # model inputs -> the MoE layers' inputs
+        self._previous = {}  # (layer, key) -> (total, count) at the previous write
+        self._batches = 0
+
+    # ------------------------------------------------------------ the layers
+
+    def _moe_layers(self):
+        if self._layers is None:
+            layers = moe_layers(self.model)
+            if self.layer_names is not None:
+                by_name = {layer.name: layer for layer in layers}
+                unknown = [name for name in self.layer_names if name not in by_name]
+                if unknown:
+                    raise ValueError(
+                        f"RouterTensorBoard: no MoE layer named {unknown} in the model; its "
+                        f"MoE layers are {sorted(by_name)}.")
+                layers = [by_name[name] for name in self.layer_names]
+            self._layers = layers
+        return self._layers
+
+    def _layer_inputs(self):
+        """The probe as each MoE layer sees it now: a list of `[..., m]` tensors.
+
+        Recomputed at every write: the layers before an MoE layer train too.
+        """
+        layers = self._moe_layers()
+        if self._extractor is None:
+            try:
+                inputs = self.model.input  # the structure the model is called with
+                self._extractor = keras.Model(inputs, [layer.input for layer in layers])
+            except (AttributeError, ValueError, TypeError):
+                self._extractor = False  # subclassed model, or a layer called twice
+        if self._extractor is False:
+            return [tf.convert_to_tensor(self.probe) for _ in layers]
+        outputs = self._extractor(self.probe, training=False)
+        if not isinstance(outputs, (list, tuple)):
+            outputs = [outputs]
+        return [tf.convert_to_tensor(output) for output in outputs]
+
+    # ------------------------------------------------------------ writing
+
+    def _writer(self, run):
+        if run not in self._writers:
+            self._writers[run] = tf.summary.create_file_writer(os.path.join(self.log_dir, run))
+        return self._writers[run]
+
+    def _write_probe(self, step):
+        if self.probe is None:
+            return
+        with self._writer("train").as_default():
+            for layer, inputs in zip(self._moe_layers(), self._layer_inputs()):
+                try:
+                    routed = layer.route(inputs, training=self.probe_training)
+                except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
+                    raise ValueError(
+                        f"RouterTensorBoard could not route the probe through layer "
+                        f"{layer.name!r} (probe inputs of shape {inputs.shape}): {error}. Give "
+                        "a batch of the model's inputs; for a subclassed model, a batch of the "
+                        "MoE layer's own inputs.") from error
+                for key, value in routed.items():
+                    if key == "gates":
+                        continue
+                    value = np.asarray(value)
+                    if key.endswith("expert_load"):
+                        write_load_histogram(f"{layer.name}/{key}", value, step)
+                    elif value.ndim == 0:
+                        for old, new in _RENAME.items():
+                            key = key.replace(old, new)
+                        write_scalar(f"{layer.name}/probe_{key}", value, step)
+
+    def _write_training_metrics(self, step):
+        """The layers' metrics averaged over the batches since the last write."""
+        with self._writer("train").as_default():
+            for layer in self._moe_layers():
+                for key, tracker in layer._metric_trackers.items():
+                    total, count = float(tracker.total.numpy()), float(tracker.count.numpy())
+                    previous_total, previous_count = self._previous.get((layer.name, key), (0, 0))
+                    if count < previous_count:  # reset since the last write
+                        previous_total, previous_count = 0.0, 0.0
+                    self._previous[(layer.name, key)] = (total, count)
+                    if count > previous_count:
+                        value = (total - previous_total) / (count - previous_count)
+                        write_scalar(f"{layer.name}/{key}", value, step)
+
+    def _write_epoch_logs(self, logs, epoch):
+        """The `fit` logs of the layers' metrics: training and `val_` means of the epoch."""
+        for layer in self._moe_layers():
+            for key in layer._metric_trackers:
+                for run, prefix in (("train", ""), ("validation", "val_")):
+                    value = logs.get(f"{prefix}{layer.name}_{key}")
+                    if value is not None:
+                        with self._writer(run).as_default():
+                            write_scalar(f"{layer.name}/{key}", value, epoch)
+
+    def _step(self):
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is not None and hasattr(optimizer, "iterations"):
+            return int(optimizer.iterations.numpy())
+        return self._batches
+
+    # ------------------------------------------------------------ callback hooks
+
+    def on_train_begin(self, logs=None):
+        self._layers = None
+        self._extractor = None
+        if not self._moe_layers():
+            raise ValueError("RouterTensorBoard: the model has no MoELayer or "
+                             "HierarchicalMoELayer.")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._previous = {}
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
+        if self.update_freq != "epoch" and self._batches % self.update_freq == 0:
+            step = self._step()
+            self._write_training_metrics(step)
+            self._write_probe(step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.update_freq == "epoch":
+            self._write_epoch_logs(logs or {}, epoch)
+            self._write_probe(epoch)
+        for writer in self._writers.values():
+            writer.flush()
+
+    def on_train_end(self, logs=None):
+        for writer in self._writers.values():
+            writer.close()
+        self._writers = {}
