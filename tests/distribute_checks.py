@@ -238,32 +238,9 @@ def check_data_parallel_match(strategy, name):
           per_replica_max_load=per_replica_max_load, weight_err=weight_err)
 
 
-class _MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
-    """`MultiWorkerMirroredStrategy` whose `reduce` takes what Keras 3 passes it.
-
-    Keras 3 (3.15, TF 2.21) `model.fit` calls `strategy.reduce` in two ways
-    that `MultiWorkerMirroredStrategy` rejects once there are several workers
-    (tensorflow/tensorflow#72388), even for a Dense-only model:
-    `_maybe_symbolic_build` reduces the whole `(x, y)` batch at once (a nest:
-    MirroredStrategy maps over it, the collective strategy converts the tuple
-    to a tensor, "Attempt to convert a value (PerReplica...)"), and
-    `reduce_per_replica` reduces the scalar logs of every step with `axis=0`
-    ("Invalid reduction dimension 0 for input with 0 dimensions"). This
-    reduces each leaf of a nest, and a scalar across replicas only.
-    """
-
-    def reduce(self, reduce_op, value, axis=None):
-        def leaf(v):
-            local = self.experimental_local_results(v)[0] if isinstance(
-                v, tf.distribute.DistributedValues) else tf.convert_to_tensor(v)
-            return super(_MultiWorkerStrategy, self).reduce(
-                reduce_op, v, None if local.shape.rank == 0 else axis)
-        return tf.nest.map_structure(leaf, value)
-
-
 def run_worker(path, expert_parallel=False):
     """One worker of the multi-worker test: fit a few steps, save the weights to `path`."""
-    strategy = _MultiWorkerStrategy()
+    strategy = tf_moe.distribute.MultiWorkerMirroredStrategy()
     x, y = _task(4, 2 * PER_REPLICA)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF

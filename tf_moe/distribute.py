@@ -376,3 +376,36 @@ def _run_sharded(experts, expert_inputs, args, kwargs, variables, num_expert_axe
     with _substituted(experts, annotated):
         outputs = experts(shard_expert_axis(expert_inputs, num_expert_axes), *args, **kwargs)
     return shard_expert_axis(outputs, num_expert_axes)
+
+
+class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """`MultiWorkerMirroredStrategy` whose `reduce` takes what Keras 3 passes it.
+
+    Keras 3 (3.15, TF 2.21) `model.fit` calls `strategy.reduce` in two ways
+    that `MultiWorkerMirroredStrategy` rejects once there are several workers
+    (tensorflow/tensorflow#72388), even for a Dense-only model:
+    `_maybe_symbolic_build` reduces the whole `(x, y)` batch at once (a nest:
+    MirroredStrategy maps over it, the collective strategy converts the tuple
+    to a tensor, "Attempt to convert a value (PerReplica...)"), and
+    `reduce_per_replica` reduces the scalar logs of every step with `axis=0`
+    ("Invalid reduction dimension 0 for input with 0 dimensions"). This
+    reduces each leaf of a nest, and a scalar across replicas only; it is
+    otherwise TensorFlow's strategy. Drop it once Keras is fixed.
+
+    Example:
+    ```python
+    os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": hosts},
+                                          "task": {"type": "worker", "index": i}})
+    strategy = tf_moe.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((64, 32)), tf_moe.MoELayer(8)])
+    ```
+    """
+
+    def reduce(self, reduce_op, value, axis=None):
+        def leaf(v):
+            local = self.experimental_local_results(v)[0] if isinstance(
+                v, tf.distribute.DistributedValues) else tf.convert_to_tensor(v)
+            return super(MultiWorkerMirroredStrategy, self).reduce(
+                reduce_op, v, None if local.shape.rank == 0 else axis)
+        return tf.nest.map_structure(leaf, value)
