@@ -1,0 +1,328 @@
+"""Forward+backward step time and peak memory of tf_moe against a dense layer and Model Garden.
+
+Usage: see benchmarks/README.md. In one run:
+
+* the machine: CPU, TensorFlow version, measured float32 `tf.matmul` peak;
+* the main configuration (4,096 tokens in one group, m=256, e=8, h=1,024,
+  capacity factor 1.25), XLA off and on: the dense baseline, tf_moe with each
+  dispatch and every router, Model Garden's `MoeLayer` (expert choice, the only
+  router it has);
+* a per-stage profile of tf_moe (route, dispatch, experts, combine, each
+  forward+backward) with the experts' achieved GFLOP/s;
+* sweeps over the group size (one group of `s` tokens) and the number of
+  experts, XLA off;
+
+written to `<out>/results.json` and `<out>/results.md`, then plotted by
+`plot.py` into `<out>/*.png` when matplotlib is installed. The dense baseline
+has the FLOPs of the experts' buffers: hidden width `capacity_factor * h`
+(since `e * c ~ s * capacity_factor`).
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import common  # noqa: E402  (sets the allocator before TensorFlow starts)
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import tf_moe  # noqa: E402
+from tf_moe import dispatch as dispatch_module  # noqa: E402
+from tf_moe import routing  # noqa: E402
+from tf_moe.routers import ROUTERS  # noqa: E402
+
+MAIN = dict(tokens=4096, group_size=4096, model_dim=256, num_experts=8, hidden_dim=1024,
+            capacity_factor=1.25)
+DISPATCHES = ("einsum", "gather")
+GARDEN_VENV = os.path.join(HERE, ".venv-garden")
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ models
+
+
+def dense_step(config, xla):
+    """A feed-forward layer of hidden width `capacity_factor * h`, relu, no bias."""
+    m, hidden = config["model_dim"], int(config["capacity_factor"] * config["hidden_dim"])
+    init = keras.initializers.TruncatedNormal(stddev=0.02, seed=0)
+    wi = tf.Variable(init([m, hidden]))
+    wo = tf.Variable(init([hidden, m]))
+
+    def loss_fn(x):
+        y = tf.matmul(tf.nn.relu(tf.matmul(x, wi)), wo)
+        return tf.reduce_mean(tf.square(y))
+
+    return common.make_step(loss_fn, [wi, wo], xla)
+
+
+def moe_layer(config, router, dispatch):
+    keras.utils.set_random_seed(0)
+    layer = tf_moe.MoELayer(
+        num_experts=config["num_experts"], expert_hidden_dim=config["hidden_dim"],
+        router=router, group_size=config["group_size"],
+        capacity_factor_train=config["capacity_factor"], min_expert_capacity=4,
+        dispatch=dispatch, seed=0)
+    layer.build((None, config["model_dim"]))
+    return layer
+
+
+def moe_step(config, router, dispatch, xla):
+    layer = moe_layer(config, router, dispatch)
+
+    def loss_fn(x):
+        y = layer(x, training=True)
+        return tf.reduce_mean(tf.square(y)) + tf.add_n(layer.losses)
+
+    return common.make_step(loss_fn, layer.trainable_weights, xla)
+
+
+def inputs(config):
+    return tf.random.stateless_normal([config["tokens"], config["model_dim"]], seed=[0, 1])
+
+
+def expert_flops(config):
+    """FLOPs of the experts' matmuls in one forward+backward step (3x the forward)."""
+    s, e = config["group_size"], config["num_experts"]
+    c = routing.expert_capacity(s, e, config["capacity_factor"], 4)
+    slots = (config["tokens"] // s) * e * c
+    return 3 * 2 * 2 * slots * config["model_dim"] * config["hidden_dim"]
+
+
+def run_tf(config, kind, xla, router=None, dispatch=None):
+    name = "dense" if kind == "dense" else f"tf_moe/{dispatch}/{router}"
+    log(f"  {name:36s} s={config['group_size']:5d} e={config['num_experts']:3d} xla={xla}")
+    try:
+        step = (dense_step(config, xla) if kind == "dense"
+                else moe_step(config, router, dispatch, xla))
+        result = common.measure(step, inputs(config))
+    except Exception as error:  # noqa: BLE001 - an OOM or XLA failure is a result too
+        result = dict(error=f"{type(error).__name__}: {str(error)[:200]}")
+    return dict(config, model=name, xla=xla, **result)
+
+
+# --------------------------------------------------------------- Model Garden
+
+
+def ensure_garden_venv():
+    """The Model Garden venv's python, created on first use; None if that fails."""
+    python = os.path.join(GARDEN_VENV, "bin", "python")
+    check = [python, "-c", "import tf_keras, six, official.modeling.tf_utils"]
+    if os.path.exists(python) and subprocess.run(check, capture_output=True).returncode == 0:
+        return python
+    major, minor = tf.__version__.split(".")[:2]
+    steps = [
+        [sys.executable, "-m", "venv", "--system-site-packages", GARDEN_VENV],
+        [python, "-m", "pip", "install", "--quiet", "--no-deps", "tf-models-official",
+         f"tf-keras~={major}.{minor}.0", "six"],
+    ]
+    for command in steps:
+        log("  $", " ".join(command))
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            log(f"  Model Garden setup failed, skipping it:\n{done.stderr[-2000:]}")
+            return None
+    if subprocess.run(check, capture_output=True).returncode != 0:
+        log("  Model Garden installed but `official.modeling.tf_utils` does not import; skipping.")
+        return None
+    return python
+
+
+def run_garden(configs):
+    python = ensure_garden_venv()
+    if python is None:
+        return []
+    log(f"  Model Garden MoeLayer: {len(configs)} configurations in {GARDEN_VENV}")
+    done = subprocess.run([python, os.path.join(HERE, "garden_runner.py"), json.dumps(configs)],
+                          capture_output=True, text=True)
+    results = []
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            results.append(dict(json.loads(line), model="garden/expert_choice"))
+    if done.returncode != 0 or len(results) != len(configs):
+        log(f"  Model Garden runner failed:\n{done.stderr[-2000:]}")
+    return results
+
+
+def run_head_to_head(args):
+    """`head_to_head.py` in the Model Garden venv (it sees tf_moe too), else here."""
+    python = None if args.no_garden else ensure_garden_venv()
+    path = os.path.join(args.out, "head_to_head.json")
+    command = [python or sys.executable, os.path.join(HERE, "head_to_head.py"), path,
+               "--rounds", str(args.rounds)] + ([] if args.no_xla else ["--xla"])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        log(f"  head to head failed:\n{done.stderr[-2000:]}")
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------ profile
+
+
+def profile_stages(config, router, dispatch):
+    """Forward+backward time of each stage of one MoELayer call, XLA off."""
+    layer = moe_layer(config, router, dispatch)
+    x = inputs(config)
+    tokens, result, _ = layer._route(x, None, True)
+    capacity = result.expert_capacity
+    slots, gates = result.expert_slots, result.expert_gates
+    e, g, s = config["num_experts"], tokens.shape[0], tokens.shape[1]
+    buffers = tf.random.normal([e, g, capacity, config["model_dim"]])
+    if dispatch == "einsum":
+        def dispatch_fn(t):
+            return dispatch_module.einsum_dispatch(t, tf.one_hot(slots, capacity))
+
+        def combine_fn(out, gates):
+            combine = gates[..., None] * tf.one_hot(slots, capacity)
+            return dispatch_module.einsum_combine(out, combine)
+    else:
+        def dispatch_fn(t):
+            index, _ = dispatch_module.slot_map(slots, gates, capacity)
+            return dispatch_module.gather_dispatch(t, tf.transpose(index, [1, 0, 2]))
+
+        def combine_fn(out, gates):
+            index, slot_gates = (tf.transpose(v, [1, 0, 2])
+                                 for v in dispatch_module.slot_map(slots, gates, capacity))
+            return dispatch_module.scatter_combine(out, index, slot_gates, g * s)
+
+    def weighted(y):
+        return tf.reduce_sum(tf.square(y))
+
+    def timed(fn, args, variables=()):
+        @tf.function(autograph=False)
+        def step():
+            with tf.GradientTape() as tape:
+                tape.watch(args)
+                loss = weighted(fn(*args))
+            grads = tape.gradient(loss, list(args) + list(variables))
+            return loss + tf.add_n([tf.reduce_sum(gr) for gr in grads if gr is not None]) * 0.0
+
+        return common.measure(lambda _: step(), None)["step_seconds"]
+
+    stages = {
+        "router logits": timed(lambda t: layer.router.logits(t, True), [tokens],
+                               layer.router.trainable_weights),
+        "routing": timed(
+            lambda lg: layer.router.route(lg, capacity, None, True).expert_gates,
+            [layer.router.logits(tokens, True)]),
+        "dispatch": timed(dispatch_fn, [tokens]),
+        "experts": timed(lambda b: layer.experts(b, training=True), [buffers],
+                         layer.experts.trainable_weights),
+        "combine": timed(combine_fn, [buffers, gates]),
+    }
+    kernel = layer.router.kernel
+    logits_matmul = timed(  # the same logits as one 2-D matmul, for comparison
+        lambda t: tf.reshape(tf.matmul(tf.reshape(t, [-1, t.shape[-1]]), kernel),
+                             [g, s, e]), [tokens], [kernel])
+    full = common.measure(moe_step(config, router, dispatch, False), x)["step_seconds"]
+    flops = expert_flops(config)
+    return dict(config, router=router, dispatch=dispatch, stages=stages, full_step=full,
+                logits_as_2d_matmul=logits_matmul,
+                expert_gflops=flops / stages["experts"] / 1e9)
+
+
+# --------------------------------------------------------------------- main
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return dict(cpu=cpu, cores=os.cpu_count(), tensorflow=tf.__version__,
+                keras=keras.__version__, python=platform.python_version(),
+                load_average_at_start=os.getloadavg()[0],
+                matmul_peak_gflops=common.matmul_peak_gflops())
+
+
+def save(out, directory):
+    """Writes what is measured so far (a crash later keeps it)."""
+    with open(os.path.join(directory, "results.json"), "w") as f:
+        json.dump(out, f, indent=1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--group-sizes", type=int, nargs="+", default=[256, 1024, 4096, 8192])
+    parser.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64])
+    parser.add_argument("--routers", nargs="+", default=sorted(ROUTERS))
+    parser.add_argument("--sweep-routers", nargs="+", default=["top_2", "expert_selection"])
+    parser.add_argument("--no-xla", action="store_true", help="skip the XLA runs")
+    parser.add_argument("--no-garden", action="store_true", help="skip Model Garden")
+    parser.add_argument("--no-sweeps", action="store_true")
+    parser.add_argument("--rounds", type=int, default=15, help="head-to-head rounds")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    start = time.time()
+
+    log("machine")
+    out = dict(machine=machine(), main=[], profile=[], group_sweep=[], expert_sweep=[])
+    log(f"  {out['machine']}")
+    garden_configs = []
+
+    log("main configuration")
+    for xla in [False] if args.no_xla else [False, True]:
+        out["main"].append(run_tf(MAIN, "dense", xla))
+        for dispatch in DISPATCHES:
+            for router in args.routers:
+                out["main"].append(run_tf(MAIN, "moe", xla, router, dispatch))
+        garden_configs.append(dict(MAIN, xla=xla, section="main"))
+
+    save(out, args.out)
+    log("per-stage profile")
+    for router in ("top_2", "expert_selection"):
+        for dispatch in DISPATCHES:
+            out["profile"].append(profile_stages(MAIN, router, dispatch))
+            log(f"  {router} {dispatch}: {out['profile'][-1]['stages']}")
+
+    if not args.no_sweeps:
+        log("group size sweep (one group of s tokens)")
+        for s in args.group_sizes:
+            config = dict(MAIN, tokens=s, group_size=s)
+            out["group_sweep"].append(run_tf(config, "dense", False))
+            for dispatch in DISPATCHES:
+                for router in args.sweep_routers:
+                    out["group_sweep"].append(run_tf(config, "moe", False, router, dispatch))
+            garden_configs.append(dict(config, xla=False, section="group_sweep"))
+        save(out, args.out)
+        log("experts sweep")
+        for e in args.experts:
+            config = dict(MAIN, num_experts=e)
+            for dispatch in DISPATCHES:
+                for router in args.sweep_routers:
+                    out["expert_sweep"].append(run_tf(config, "moe", False, router, dispatch))
+            garden_configs.append(dict(config, xla=False, section="expert_sweep"))
+
+    if not args.no_garden:
+        log("Model Garden")
+        for result in run_garden(garden_configs):
+            out[result.pop("section")].append(result)
+
+    log("head to head (interleaved steps)")
+    out["head_to_head"] = run_head_to_head(args)
+
+    out["seconds"] = time.time() - start
+    out["machine"]["load_average_at_end"] = os.getloadavg()[0]
+    save(out, args.out)
+    import report  # noqa: PLC0415
+
+    report.write(out, args.out)
+    log(f"done in {out['seconds']:.0f} s; results in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

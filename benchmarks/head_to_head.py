@@ -1,0 +1,137 @@
+"""The issue's targets, measured head to head: every model's steps interleaved.
+
+On a shared machine other processes take the cores in bursts; models timed one
+after the other (as `bench.py` does) see different loads. Here the models of
+the main configuration (dense baseline, tf_moe's gather path with top-2 and
+expert selection, tf_moe's experts alone, Model Garden's `MoeLayer`, a
+2048² `tf.matmul`, and tf_moe gather/top-2 at other group sizes for the
+linearity target) are stepped in turn, round after round, so each round sees
+about the same load; the fastest step of each model and the median of the
+per-round ratios are reported.
+
+Run by `bench.py` (with the Model Garden venv's Python when it exists, since
+that environment sees both tf_moe and tf-keras), or alone:
+`python benchmarks/head_to_head.py OUT.json [--rounds 15] [--xla]`.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import common  # noqa: E402  (sets the allocator before TensorFlow starts)
+import tensorflow as tf  # noqa: E402
+
+import bench  # noqa: E402
+
+
+def _garden_step(config, xla):
+    try:
+        import garden_runner  # noqa: PLC0415  (needs tf_keras and Model Garden)
+        moe = garden_runner.load_moe_module()
+    except Exception as error:  # noqa: BLE001
+        print(f"Model Garden not available here: {error}", file=sys.stderr)
+        return None
+    import tf_keras  # noqa: PLC0415
+
+    tf_keras.utils.set_random_seed(0)
+    router = moe.ExpertsChooseMaskedRouter(config["num_experts"], jitter_noise=0.0)
+    experts = moe.FeedForwardExperts(config["num_experts"], config["hidden_dim"],
+                                     activation=tf_keras.activations.relu)
+    layer = moe.MoeLayer(experts, router, train_capacity_factor=config["capacity_factor"],
+                         examples_per_group=1.0)
+    shaped = lambda x: tf.reshape(x, [1, config["group_size"], config["model_dim"]])  # noqa: E731
+    layer(shaped(bench.inputs(config)), training=True)
+
+    def loss_fn(x):
+        y = layer(shaped(x), training=True)
+        return tf.reduce_mean(tf.square(y)) + tf.add_n(layer.losses or [tf.zeros([])])
+
+    return common.make_step(loss_fn, layer.trainable_variables, xla)
+
+
+def _experts_step(config, xla):
+    layer = bench.moe_layer(config, "top_2", "gather")
+    c = bench.routing.expert_capacity(config["group_size"], config["num_experts"],
+                                      config["capacity_factor"], 4)
+    shape = [config["num_experts"], 1, c, config["model_dim"]]
+    buffers = tf.random.stateless_normal(shape, seed=[2, 3])
+
+    def loss_fn(x):
+        return tf.reduce_mean(tf.square(layer.experts(buffers + 0.0 * x[0, 0], training=True)))
+
+    return common.make_step(loss_fn, layer.experts.trainable_weights, xla)
+
+
+def _matmul_step(size=2048):
+    a = tf.random.normal([size, size])
+    b = tf.random.normal([size, size])
+
+    @tf.function
+    def step(_):
+        return tf.reduce_sum(tf.matmul(a, b))
+
+    return step
+
+
+def models(xla, group_sizes):
+    main = bench.MAIN
+    out = {
+        "dense": (bench.dense_step(main, xla), main),
+        "tf_moe/gather/top_2": (bench.moe_step(main, "top_2", "gather", xla), main),
+        "tf_moe/gather/expert_selection":
+            (bench.moe_step(main, "expert_selection", "gather", xla), main),
+        "tf_moe experts only (top_2 buffers)": (_experts_step(main, xla), main),
+        "matmul 2048x2048": (_matmul_step(), main),
+    }
+    garden = _garden_step(main, xla)
+    if garden is not None:
+        out["garden/expert_choice"] = (garden, main)
+    for s in group_sizes:
+        config = dict(main, tokens=s, group_size=s)
+        out[f"tf_moe/gather/top_2 s={s}"] = (bench.moe_step(config, "top_2", "gather", xla),
+                                             config)
+    return out
+
+
+def run(xla, rounds, group_sizes):
+    steps = models(xla, group_sizes)
+    inputs = {name: bench.inputs(config) for name, (_, config) in steps.items()}
+    for name, (step, _) in steps.items():  # compile
+        for _ in range(2):
+            step(inputs[name]).numpy()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, (step, _) in steps.items():
+            t0 = time.perf_counter()
+            step(inputs[name]).numpy()
+            times[name].append(time.perf_counter() - t0)
+    result = dict(xla=xla, rounds=rounds, models={})
+    for name, values in times.items():
+        result["models"][name] = dict(
+            min_seconds=min(values), median_seconds=statistics.median(values),
+            ratio_to_dense=statistics.median(v / d for v, d in zip(values, times["dense"])))
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--xla", action="store_true", help="also with jit_compile")
+    parser.add_argument("--group-sizes", type=int, nargs="+", default=[1024, 8192])
+    args = parser.parse_args()
+    results = [run(xla, args.rounds, args.group_sizes)
+               for xla in ([False, True] if args.xla else [False])]
+    with open(args.out, "w") as f:
+        json.dump(dict(results=results, load_average=os.getloadavg()[0],
+                       matmul_peak_gflops=common.matmul_peak_gflops()), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
