@@ -205,3 +205,29 @@ def test_top2_partial_importance_uses_at_most_its_top_expert(name, case):
             assert row[expert], "a token of partial importance may only use its top expert"
             # its only gate, renormalised by itself (+1e-9): 1
             assert weights[expert] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", STRUCTURE_ROUTERS)
+@given(case=cases())
+def test_einsum_and_index_dispatch_agree(name, case):
+    """Both dispatch paths move the same rows and combine the same sums."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    from tf_moe import dispatch  # noqa: PLC0415
+
+    result = run(BY_NAME[name], case)
+    g, s, e = case.logits.shape
+    rng = np.random.default_rng(case.seed + 2)
+    tokens = tf.constant(rng.standard_normal((g, s, 3)), tf.float32)
+    outputs = tf.constant(rng.standard_normal((e, g, case.capacity, 2)), tf.float32)
+    token_index, slot_gates = dispatch.slot_map(
+        result.expert_slots, result.expert_gates, case.capacity)  # [g, e, c]
+    by_index = tf.transpose(dispatch.gather_dispatch(tokens, token_index), [1, 0, 2, 3])
+    by_einsum = dispatch.einsum_dispatch(tokens, result.dispatch_tensor)
+    np.testing.assert_allclose(by_index.numpy(), by_einsum.numpy(), atol=1e-6)
+    combined = dispatch.scatter_combine(
+        outputs, tf.transpose(token_index, [1, 0, 2]), tf.transpose(slot_gates, [1, 0, 2]),
+        g * s)
+    expected = dispatch.einsum_combine(outputs, result.combine_tensor)
+    np.testing.assert_allclose(combined.numpy(), tf.reshape(expected, [g * s, 2]).numpy(),
+                               atol=1e-5)
