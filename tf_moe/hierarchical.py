@@ -24,13 +24,14 @@ import tensorflow as tf
 
 from tf_moe import dispatch as dispatch_module
 from tf_moe import distribute, routing, seeding
-from tf_moe.experts import serialize_activation
 from tf_moe.layers import (
     METRICS,
     _check_int,
     _check_positive,
+    common_config,
     group_shape,
     group_tokens,
+    set_common_arguments,
     ungroup_tokens,
 )
 from tf_moe.routers import Top2Router
@@ -267,56 +268,21 @@ class HierarchicalMoELayer(keras.layers.Layer):
             raise ValueError(
                 f"num_experts must be a pair of ints >= 2, (x expert groups, y experts "
                 f"per group), got {num_experts!r}.")
-        _check_int("expert_hidden_dim", expert_hidden_dim, 1, allow_none=True)
-        _check_int("group_size", group_size, 1)
-        _check_positive("capacity_factor_train", capacity_factor_train)
-        _check_positive("capacity_factor_eval", capacity_factor_eval)
-        _check_positive("capacity_factor_second_level", capacity_factor_second_level)
-        _check_int("min_expert_capacity", min_expert_capacity, 1)
-        _check_positive("loss_coef", loss_coef, allow_zero=True)
-        _check_positive("z_loss_coef", z_loss_coef, allow_zero=True, allow_none=True)
-        _check_int("output_dim", output_dim, 1, allow_none=True)
-        if (not isinstance(expert_dropout_rate, (int, float))
-                or isinstance(expert_dropout_rate, bool)
-                or not 0.0 <= expert_dropout_rate < 1.0):
-            raise ValueError(
-                f"expert_dropout_rate must be a float in [0, 1), got {expert_dropout_rate!r}.")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise TypeError(f"seed must be None or an int, got {seed!r}.")
-        names = activation if isinstance(activation, (list, tuple)) else [activation]
-        if not names:
-            raise ValueError("activation must be a name, a callable or a non-empty list.")
-        try:
-            self._activations = [keras.activations.get(a) for a in names]
-        except (ValueError, TypeError) as error:
-            raise ValueError(f"Unknown activation in {activation!r}: {error}") from None
-
         self.num_experts = tuple(num_experts)
-        self.expert_hidden_dim = expert_hidden_dim
-        self.group_size = group_size
-        self.capacity_factor_train = capacity_factor_train
-        self.capacity_factor_eval = capacity_factor_eval
+        _check_positive("capacity_factor_second_level", capacity_factor_second_level)
         self.capacity_factor_second_level = capacity_factor_second_level
-        self.min_expert_capacity = min_expert_capacity
-        self.loss_coef = loss_coef
-        self.z_loss_coef = z_loss_coef
-        self.activation = activation
-        self.output_dim = output_dim
-        self.expert_dropout_rate = expert_dropout_rate
+        self._activations = set_common_arguments(
+            self, expert_hidden_dim=expert_hidden_dim, group_size=group_size,
+            capacity_factor_train=capacity_factor_train,
+            capacity_factor_eval=capacity_factor_eval, min_expert_capacity=min_expert_capacity,
+            loss_coef=loss_coef, z_loss_coef=z_loss_coef, activation=activation,
+            output_dim=output_dim, expert_dropout_rate=expert_dropout_rate, seed=seed,
+            expert_parallel=expert_parallel, dispatch=dispatch, dropless=dropless)
         self.second_policy_train = second_policy_train
         self.second_policy_eval = second_policy_eval
         self.second_threshold_train = second_threshold_train
         self.second_threshold_eval = second_threshold_eval
         self.use_second_place_loss = use_second_place_loss
-        self.seed = seed
-        if not isinstance(expert_parallel, bool):
-            raise TypeError(f"expert_parallel must be a bool, got {expert_parallel!r}.")
-        self.expert_parallel = expert_parallel
-        dispatch_module.resolve(dispatch)  # validates the name
-        if not isinstance(dropless, bool):
-            raise TypeError(f"dropless must be a bool, got {dropless!r}.")
-        self.dispatch = dispatch
-        self.dropless = dropless
 
         x, y = self.num_experts
         router_options = dict(
@@ -583,25 +549,12 @@ class HierarchicalMoELayer(keras.layers.Layer):
         config = super().get_config()
         config.update(
             num_experts=list(self.num_experts),
-            expert_hidden_dim=self.expert_hidden_dim,
-            group_size=self.group_size,
-            capacity_factor_train=self.capacity_factor_train,
-            capacity_factor_eval=self.capacity_factor_eval,
             capacity_factor_second_level=self.capacity_factor_second_level,
-            min_expert_capacity=self.min_expert_capacity,
-            loss_coef=self.loss_coef,
-            z_loss_coef=self.z_loss_coef,
-            activation=serialize_activation(self.activation),
-            output_dim=self.output_dim,
-            expert_dropout_rate=self.expert_dropout_rate,
             second_policy_train=self.second_policy_train,
             second_policy_eval=self.second_policy_eval,
             second_threshold_train=self.second_threshold_train,
             second_threshold_eval=self.second_threshold_eval,
             use_second_place_loss=self.use_second_place_loss,
-            seed=self.seed,
-            expert_parallel=self.expert_parallel,
-            dispatch=self.dispatch,
-            dropless=self.dropless,
+            **common_config(self),
         )
         return config

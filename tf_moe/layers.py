@@ -80,6 +80,62 @@ def group_shape(num_tokens, group_size):
     return g, tf.maximum(1, (n + g - 1) // g)
 
 
+# The arguments MoELayer and HierarchicalMoELayer share, checked and stored once.
+COMMON_ARGUMENTS = ("expert_hidden_dim", "group_size", "capacity_factor_train",
+                    "capacity_factor_eval", "min_expert_capacity", "loss_coef", "z_loss_coef",
+                    "activation", "output_dim", "expert_dropout_rate", "seed",
+                    "expert_parallel", "dispatch", "dropless")
+
+
+def set_common_arguments(layer, *, expert_hidden_dim, group_size, capacity_factor_train,
+                         capacity_factor_eval, min_expert_capacity, loss_coef, z_loss_coef,
+                         activation, output_dim, expert_dropout_rate, seed, expert_parallel,
+                         dispatch, dropless):
+    """Checks the arguments both MoE layers take and stores them on `layer`.
+
+    Raises:
+        ValueError or TypeError naming the argument and what it accepts.
+    """
+    _check_int("expert_hidden_dim", expert_hidden_dim, 1, allow_none=True)
+    _check_int("group_size", group_size, 1)
+    _check_positive("capacity_factor_train", capacity_factor_train)
+    _check_positive("capacity_factor_eval", capacity_factor_eval)
+    _check_int("min_expert_capacity", min_expert_capacity, 1)
+    _check_positive("loss_coef", loss_coef, allow_zero=True)
+    _check_positive("z_loss_coef", z_loss_coef, allow_zero=True, allow_none=True)
+    _check_int("output_dim", output_dim, 1, allow_none=True)
+    if not (isinstance(expert_dropout_rate, (int, float))
+            and not isinstance(expert_dropout_rate, bool)
+            and 0.0 <= expert_dropout_rate < 1.0):
+        raise ValueError(
+            f"expert_dropout_rate must be a float in [0, 1), got {expert_dropout_rate!r}.")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise TypeError(f"seed must be None or an int, got {seed!r}.")
+    if not isinstance(expert_parallel, bool):
+        raise TypeError(f"expert_parallel must be a bool, got {expert_parallel!r}.")
+    dispatch_module.resolve(dispatch)  # validates the name
+    if not isinstance(dropless, bool):
+        raise TypeError(f"dropless must be a bool, got {dropless!r}.")
+    names = activation if isinstance(activation, (list, tuple)) else [activation]
+    if not names:
+        raise ValueError("activation must be a name, a callable or a non-empty list.")
+    try:
+        activations = [keras.activations.get(a) for a in names]
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"Unknown activation in {activation!r}: {error}") from None
+    values = dict(locals())
+    for name in COMMON_ARGUMENTS:
+        setattr(layer, name, values[name])
+    return activations
+
+
+def common_config(layer):
+    """The shared arguments of `layer` for `get_config`."""
+    config = {name: getattr(layer, name) for name in COMMON_ARGUMENTS}
+    config["activation"] = serialize_activation(layer.activation)
+    return config
+
+
 def group_tokens(inputs, mask, group_size, layer_name="MoELayer"):
     """Cuts tokens `[..., m]` into groups `[g, s, m]`, padding with importance 0.
 
@@ -302,46 +358,19 @@ class MoELayer(keras.layers.Layer):
             kwargs["name"] = "moe" if uid == 1 else f"moe_{uid - 1}"
         super().__init__(**kwargs)
         _check_int("num_experts", num_experts, 1)
-        _check_int("expert_hidden_dim", expert_hidden_dim, 1, allow_none=True)
-        _check_int("group_size", group_size, 1)
-        _check_positive("capacity_factor_train", capacity_factor_train)
-        _check_positive("capacity_factor_eval", capacity_factor_eval)
-        _check_int("min_expert_capacity", min_expert_capacity, 1)
-        _check_positive("loss_coef", loss_coef, allow_zero=True)
-        _check_positive("z_loss_coef", z_loss_coef, allow_zero=True, allow_none=True)
-        _check_int("output_dim", output_dim, 1, allow_none=True)
-        if not (isinstance(expert_dropout_rate, (int, float))
-                and not isinstance(expert_dropout_rate, bool)
-                and 0.0 <= expert_dropout_rate < 1.0):
-            raise ValueError(
-                f"expert_dropout_rate must be a float in [0, 1), got {expert_dropout_rate!r}.")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise TypeError(f"seed must be None or an int, got {seed!r}.")
         self.num_experts = num_experts
-        self.expert_hidden_dim = expert_hidden_dim
-        self.group_size = group_size
-        self.capacity_factor_train = capacity_factor_train
-        self.capacity_factor_eval = capacity_factor_eval
-        self.min_expert_capacity = min_expert_capacity
-        self.loss_coef = loss_coef
-        self.z_loss_coef = z_loss_coef
-        self.activation = activation
-        self.output_dim = output_dim
-        self.expert_dropout_rate = expert_dropout_rate
-        self.seed = seed
-        if not isinstance(expert_parallel, bool):
-            raise TypeError(f"expert_parallel must be a bool, got {expert_parallel!r}.")
-        self.expert_parallel = expert_parallel
-        dispatch_module.resolve(dispatch)  # validates the name
-        if not isinstance(dropless, bool):
-            raise TypeError(f"dropless must be a bool, got {dropless!r}.")
+        set_common_arguments(
+            self, expert_hidden_dim=expert_hidden_dim, group_size=group_size,
+            capacity_factor_train=capacity_factor_train,
+            capacity_factor_eval=capacity_factor_eval, min_expert_capacity=min_expert_capacity,
+            loss_coef=loss_coef, z_loss_coef=z_loss_coef, activation=activation,
+            output_dim=output_dim, expert_dropout_rate=expert_dropout_rate, seed=seed,
+            expert_parallel=expert_parallel, dispatch=dispatch, dropless=dropless)
         if dropless and (router == "expert_selection"
                          or type(router).__name__ == "ExpertSelectionRouter"):
             raise ValueError(
                 "dropless=True does not apply to expert_selection routing: each expert "
                 "picks its tokens, there is no capacity overflow to avoid.")
-        self.dispatch = dispatch
-        self.dropless = dropless
         self.router_options = dict(
             second_policy_train=second_policy_train,
             second_policy_eval=second_policy_eval,
@@ -520,24 +549,11 @@ class MoELayer(keras.layers.Layer):
         config = super().get_config()
         config.update(
             num_experts=self.num_experts,
-            expert_hidden_dim=self.expert_hidden_dim,
             router=(self._router_name if self._router_name is not None
                     else keras.saving.serialize_keras_object(self.router)),
-            group_size=self.group_size,
-            capacity_factor_train=self.capacity_factor_train,
-            capacity_factor_eval=self.capacity_factor_eval,
-            min_expert_capacity=self.min_expert_capacity,
-            loss_coef=self.loss_coef,
-            z_loss_coef=self.z_loss_coef,
-            activation=serialize_activation(self.activation),
-            output_dim=self.output_dim,
             experts=(keras.saving.serialize_keras_object(self.experts)
                      if self._custom_experts else None),
-            expert_dropout_rate=self.expert_dropout_rate,
-            seed=self.seed,
-            expert_parallel=self.expert_parallel,
-            dispatch=self.dispatch,
-            dropless=self.dropless,
+            **common_config(self),
             **self.router_options,
         )
         return config
