@@ -28,10 +28,10 @@ from tf_moe.layers import (
     METRICS,
     _check_int,
     _check_positive,
-    common_config,
+    _common_config,
     group_shape,
     group_tokens,
-    set_common_arguments,
+    _set_common_arguments,
     ungroup_tokens,
 )
 from tf_moe.routers import Top2Router
@@ -271,7 +271,7 @@ class HierarchicalMoELayer(keras.layers.Layer):
         self.num_experts = tuple(num_experts)
         _check_positive("capacity_factor_second_level", capacity_factor_second_level)
         self.capacity_factor_second_level = capacity_factor_second_level
-        self._activations = set_common_arguments(
+        self._activations = _set_common_arguments(
             self, expert_hidden_dim=expert_hidden_dim, group_size=group_size,
             capacity_factor_train=capacity_factor_train,
             capacity_factor_eval=capacity_factor_eval, min_expert_capacity=min_expert_capacity,
@@ -555,6 +555,6 @@ class HierarchicalMoELayer(keras.layers.Layer):
             second_threshold_train=self.second_threshold_train,
             second_threshold_eval=self.second_threshold_eval,
             use_second_place_loss=self.use_second_place_loss,
-            **common_config(self),
+            **_common_config(self),
         )
         return config

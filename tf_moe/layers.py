@@ -81,13 +81,13 @@ def group_shape(num_tokens, group_size):
 
 
 # The arguments MoELayer and HierarchicalMoELayer share, checked and stored once.
-COMMON_ARGUMENTS = ("expert_hidden_dim", "group_size", "capacity_factor_train",
+_COMMON_ARGUMENTS = ("expert_hidden_dim", "group_size", "capacity_factor_train",
                     "capacity_factor_eval", "min_expert_capacity", "loss_coef", "z_loss_coef",
                     "activation", "output_dim", "expert_dropout_rate", "seed",
                     "expert_parallel", "dispatch", "dropless")
 
 
-def set_common_arguments(layer, *, expert_hidden_dim, group_size, capacity_factor_train,
+def _set_common_arguments(layer, *, expert_hidden_dim, group_size, capacity_factor_train,
                          capacity_factor_eval, min_expert_capacity, loss_coef, z_loss_coef,
                          activation, output_dim, expert_dropout_rate, seed, expert_parallel,
                          dispatch, dropless):
@@ -124,14 +124,14 @@ def set_common_arguments(layer, *, expert_hidden_dim, group_size, capacity_facto
     except (ValueError, TypeError) as error:
         raise ValueError(f"Unknown activation in {activation!r}: {error}") from None
     values = dict(locals())
-    for name in COMMON_ARGUMENTS:
+    for name in _COMMON_ARGUMENTS:
         setattr(layer, name, values[name])
     return activations
 
 
-def common_config(layer):
+def _common_config(layer):
     """The shared arguments of `layer` for `get_config`."""
-    config = {name: getattr(layer, name) for name in COMMON_ARGUMENTS}
+    config = {name: getattr(layer, name) for name in _COMMON_ARGUMENTS}
     config["activation"] = serialize_activation(layer.activation)
     return config
 
@@ -359,7 +359,7 @@ class MoELayer(keras.layers.Layer):
         super().__init__(**kwargs)
         _check_int("num_experts", num_experts, 1)
         self.num_experts = num_experts
-        set_common_arguments(
+        _set_common_arguments(
             self, expert_hidden_dim=expert_hidden_dim, group_size=group_size,
             capacity_factor_train=capacity_factor_train,
             capacity_factor_eval=capacity_factor_eval, min_expert_capacity=min_expert_capacity,
@@ -553,7 +553,7 @@ class MoELayer(keras.layers.Layer):
                     else keras.saving.serialize_keras_object(self.router)),
             experts=(keras.saving.serialize_keras_object(self.experts)
                      if self._custom_experts else None),
-            **common_config(self),
+            **_common_config(self),
             **self.router_options,
         )
         return config

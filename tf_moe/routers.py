@@ -15,7 +15,7 @@ from tf_moe import routing, seeding
 INPUT_POLICIES = ("argmax", "input_jitter", "input_dropout")
 
 
-def token_matmul(x, kernel):
+def _token_matmul(x, kernel):
     """`einsum("...m,me->...e")` in float32, as one 2-D matmul.
 
     TensorFlow's CPU einsum backward for this contraction is an order of
@@ -113,7 +113,7 @@ class Router(keras.layers.Layer):
     def logits(self, inputs, training=False):
         """Router logits `[..., e]` in float32, with the training perturbation."""
         x = self.perturb(tf.cast(inputs, tf.float32), training)
-        return token_matmul(x, self.kernel)
+        return _token_matmul(x, self.kernel)
 
     def perturb(self, x, training):
         """The router's own copy of the tokens, perturbed for exploration."""
@@ -524,11 +524,11 @@ class NoisyTopKRouter(Router):
 
     def call(self, inputs, expert_capacity, importance=None, training=None):
         x = tf.cast(inputs, tf.float32)
-        logits = token_matmul(x, self.kernel)
+        logits = _token_matmul(x, self.kernel)
         noise_stddev = None
         if training and self.noisy_gating:
             noise_stddev = tf.nn.softplus(
-                token_matmul(x, self.noise_kernel)
+                _token_matmul(x, self.noise_kernel)
             ) + self.noise_epsilon
         return routing.noisy_top_k_gating(
             logits, expert_capacity, k=self.k, noise_stddev=noise_stddev, importance=importance,
