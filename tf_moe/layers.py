@@ -88,9 +88,9 @@ _COMMON_ARGUMENTS = ("expert_hidden_dim", "group_size", "capacity_factor_train",
 
 
 def _set_common_arguments(layer, *, expert_hidden_dim, group_size, capacity_factor_train,
-                         capacity_factor_eval, min_expert_capacity, loss_coef, z_loss_coef,
-                         activation, output_dim, expert_dropout_rate, seed, expert_parallel,
-                         dispatch, dropless):
+                          capacity_factor_eval, min_expert_capacity, loss_coef, z_loss_coef,
+                          activation, output_dim, expert_dropout_rate, seed, expert_parallel,
+                          dispatch, dropless):
     """Checks the arguments both MoE layers take and stores them on `layer`.
 
     Raises:
