@@ -26,6 +26,7 @@ from tf_moe import dispatch as dispatch_module
 from tf_moe import distribute, routing, seeding
 from tf_moe.layers import (
     METRICS,
+    _ThreadLocalLosses,
     _check_int,
     _check_positive,
     _common_config,
@@ -109,7 +110,7 @@ class InnerTop2Router(Top2Router):
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
-class HierarchicalMoELayer(keras.layers.Layer):
+class HierarchicalMoELayer(_ThreadLocalLosses, keras.layers.Layer):
     """A two-level mixture-of-experts layer (Mesh-TF `transformer_moe_layer_v2`).
 
     `x * y` feed-forward experts are arranged in `x` groups of `y`. Every

@@ -1,8 +1,10 @@
 """The mixture-of-experts Keras layer."""
 
 import math
+import threading
 
 import keras
+import keras.src.backend
 import tensorflow as tf
 
 from tf_moe import dispatch as dispatch_module
@@ -216,8 +218,37 @@ def ungroup_tokens(grouped, num_tokens, inputs):
     return tf.reshape(flat, tf.concat([tf.shape(inputs)[:-1], [width]], axis=0))
 
 
+class _ThreadLocalLosses:
+    """Keeps a layer's `add_loss` terms per thread.
+
+    Keras holds one loss list per layer. Under a `MirroredStrategy` every
+    replica runs the model in its own thread; with expert parallelism the
+    replicas pause mid-call at the all-to-all, so one replica's losses would
+    be cleared or read by another's step. Each thread (replica) gets its own
+    list here; on one device nothing changes.
+    """
+
+    def _thread_losses(self):
+        store = self.__dict__.setdefault("_losses_by_thread", {})  # not tracked by Keras
+        return store.setdefault(threading.get_ident(), [])
+
+    def add_loss(self, loss):
+        if keras.src.backend.in_stateless_scope():
+            return super().add_loss(loss)
+        self._thread_losses().extend(tf.nest.flatten(loss))
+
+    def _get_own_losses(self):
+        if keras.src.backend.in_stateless_scope():
+            return super()._get_own_losses()
+        return list(self._thread_losses())
+
+    def _clear_losses(self):
+        super()._clear_losses()
+        self._thread_losses().clear()
+
+
 @keras.saving.register_keras_serializable(package="tf_moe")
-class MoELayer(keras.layers.Layer):
+class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
     """A mixture-of-experts feed-forward layer (Mesh-TF `transformer_moe_layer_v1`).
 
     Every vector along the last axis of the input is a token; all leading axes
