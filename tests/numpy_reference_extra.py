@@ -15,6 +15,7 @@ Every function takes `logits` `[g, s, e]`, an int `capacity` and an optional
 import math
 
 import numpy as np
+from numpy_reference import softmax
 
 EPSILON = 1e-9
 
@@ -28,14 +29,6 @@ def _inputs(logits, importance):
     importance = np.asarray(importance, dtype=np.float64)
     assert importance.shape == (g, s)
     return logits, importance
-
-
-def softmax(values):
-    values = [float(v) for v in values]
-    top = max(values)
-    exps = [math.exp(v - top) for v in values]
-    total = sum(exps)
-    return [x / total for x in exps]
 
 
 def argmax(values, excluded=()):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from numpy_reference import argmax, logsumexp, softmax
 from tf_moe.hierarchical import HierarchicalMoELayer, InnerTop2Router
 
 EPSILON = 1e-9
@@ -35,25 +36,6 @@ def ref_group_shape(num_tokens, group_size):
 def ref_capacity(group_size, num_experts, factor, min_capacity):
     capacity = max(min(group_size, int(group_size * factor / num_experts)), min_capacity)
     return min(capacity, group_size)
-
-
-def softmax(values):
-    top = max(values)
-    exps = [math.exp(v - top) for v in values]
-    return [v / sum(exps) for v in exps]
-
-
-def logsumexp(values):
-    top = max(values)
-    return top + math.log(sum(math.exp(v - top) for v in values))
-
-
-def argmax(values):
-    best = 0
-    for i in range(1, len(values)):
-        if values[i] > values[best]:
-            best = i
-    return best
 
 
 def ref_top_2_group(logits, capacity, importance, policy, threshold,
