@@ -279,25 +279,20 @@ class HierarchicalMoELayer(_ThreadLocalLosses, keras.layers.Layer):
             loss_coef=loss_coef, z_loss_coef=z_loss_coef, activation=activation,
             output_dim=output_dim, expert_dropout_rate=expert_dropout_rate, seed=seed,
             expert_parallel=expert_parallel, dispatch=dispatch, dropless=dropless)
-        self.second_policy_train = second_policy_train
-        self.second_policy_eval = second_policy_eval
-        self.second_threshold_train = second_threshold_train
-        self.second_threshold_eval = second_threshold_eval
-        self.use_second_place_loss = use_second_place_loss
-
-        x, y = self.num_experts
-        router_options = dict(
+        # Both levels' routers take these; get_config returns them as given.
+        self.router_options = dict(
             second_policy_train=second_policy_train,
             second_policy_eval=second_policy_eval,
             second_threshold_train=second_threshold_train,
             second_threshold_eval=second_threshold_eval,
             use_second_place_loss=use_second_place_loss,
         )
+        x, y = self.num_experts
         self.outer_router = Top2Router(
-            x, seed=seed, name=f"{self.name}_outer_router", **router_options)
+            x, seed=seed, name=f"{self.name}_outer_router", **self.router_options)
         self.inner_router = InnerTop2Router(
             x, y, seed=_offset_seed(seed, 1), name=f"{self.name}_inner_router",
-            **router_options)
+            **self.router_options)
         self.supports_masking = True
 
         keys = [f"{level}_{key}" for key in METRICS for level in ("outer", "inner")
@@ -551,11 +546,7 @@ class HierarchicalMoELayer(_ThreadLocalLosses, keras.layers.Layer):
         config.update(
             num_experts=list(self.num_experts),
             capacity_factor_second_level=self.capacity_factor_second_level,
-            second_policy_train=self.second_policy_train,
-            second_policy_eval=self.second_policy_eval,
-            second_threshold_train=self.second_threshold_train,
-            second_threshold_eval=self.second_threshold_eval,
-            use_second_place_loss=self.use_second_place_loss,
+            **self.router_options,
             **_common_config(self),
         )
         return config
