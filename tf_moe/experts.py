@@ -6,6 +6,15 @@ import tensorflow as tf
 from tf_moe import seeding
 
 
+_TRUNCATED_NORMAL_STDDEV = 0.87962566103423978  # std of a unit normal truncated at 2
+
+
+def _fan_in_initializer(fan_in, seed):
+    """Truncated normal with variance `1 / fan_in` (Mesh-TF's dense default)."""
+    return keras.initializers.TruncatedNormal(
+        stddev=(1.0 / fan_in) ** 0.5 / _TRUNCATED_NORMAL_STDDEV, seed=seed)
+
+
 def serialize_activation(activation):
     """An activation argument (name, callable or list of them) for `get_config`.
 
@@ -95,9 +104,7 @@ class FeedForwardExperts(keras.layers.Layer):
             if config.get("seed") is not None:
                 config["seed"] += index
             return type(self.kernel_initializer).from_config(config)
-        return keras.initializers.TruncatedNormal(
-            stddev=(1.0 / fan_in) ** 0.5 / 0.87962566103423978,
-            seed=None if self.seed is None else self.seed + 1 + index)
+        return _fan_in_initializer(fan_in, None if self.seed is None else self.seed + 1 + index)
 
     def build(self, input_shape):
         if len(input_shape) < 2:

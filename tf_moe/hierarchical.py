@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from tf_moe import dispatch as dispatch_module
 from tf_moe import distribute, routing, seeding
+from tf_moe.experts import _fan_in_initializer
 from tf_moe.layers import (
     METRICS,
     _ThreadLocalLosses,
@@ -36,15 +37,6 @@ from tf_moe.layers import (
     ungroup_tokens,
 )
 from tf_moe.routers import Top2Router
-
-_TRUNCATED_NORMAL_STDDEV = 0.87962566103423978  # std of a unit normal truncated at 2
-
-
-def _fan_in_initializer(fan_in, seed):
-    """Truncated normal with variance `1 / fan_in` (Mesh-TF's dense default)."""
-    return keras.initializers.TruncatedNormal(
-        stddev=(1.0 / fan_in) ** 0.5 / _TRUNCATED_NORMAL_STDDEV, seed=seed)
-
 
 def _offset_seed(seed, offset):
     return None if seed is None else seed + offset
