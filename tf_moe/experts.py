@@ -134,12 +134,12 @@ class FeedForwardExperts(keras.layers.Layer):
         x = tf.reshape(inputs, [shape[0], -1, shape[-1]])  # [e, t, m]
         hidden = None
         for wi, activation in zip(self.wi, self._activations):
-            h = activation(tf.einsum("etm,emh->eth", x, wi))
+            h = activation(tf.matmul(x, wi))  # "etm,emh->eth"
             hidden = h if hidden is None else hidden * h
         if training and self.dropout_rate > 0:
             hidden = seeding.dropout(hidden, self.dropout_rate,
                                      seeding.next_seed(self.seed_base, self.seed_step))
-        y = tf.einsum("eth,ehn->etn", hidden, self.wo)
+        y = tf.matmul(hidden, self.wo)  # "eth,ehn->etn"
         return tf.reshape(y, tf.concat([shape[:-1], tf.shape(y)[-1:]], axis=0))
 
     def compute_output_shape(self, input_shape):
