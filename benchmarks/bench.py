@@ -174,7 +174,8 @@ def profile_stages(config, router, dispatch):
     """Forward+backward time of each stage of one MoELayer call, XLA off."""
     layer = moe_layer(config, router, dispatch)
     x = inputs(config)
-    tokens, result, _ = layer._route(x, None, True)
+    grouped, result = layer._route(x, None, True)
+    tokens = grouped.tokens
     capacity = result.expert_capacity
     slots, gates = result.expert_slots, result.expert_gates
     e, g, s = config["num_experts"], tokens.shape[0], tokens.shape[1]

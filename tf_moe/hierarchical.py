@@ -327,7 +327,7 @@ class HierarchicalMoELayer(_ThreadLocalLosses, keras.layers.Layer):
     # ------------------------------------------------------------------- call
 
     def _group(self, inputs, mask):
-        """Tokens `[g, s, m]`, importance `[g, s]`, the token count, `g` and `s`."""
+        """`group_tokens` with this layer's width check: a `Grouped` tuple."""
         model_dim = inputs.shape[-1]
         if model_dim is None or (getattr(self, "input_dim", None) is not None
                                  and model_dim != self.input_dim):
@@ -354,7 +354,7 @@ class HierarchicalMoELayer(_ThreadLocalLosses, keras.layers.Layer):
 
     def _route(self, inputs, mask, training):
         """Both levels of routing; everything `call` and `route` need."""
-        tokens, importance, num_tokens, groups, group_size = self._group(inputs, mask)
+        tokens, importance, num_tokens, groups, group_size, finite = self._group(inputs, mask)
         x, y = self.num_experts
         factor = self.capacity_factor_train if training else self.capacity_factor_eval
         capacity = routing.expert_capacity(group_size, x, factor, self.min_expert_capacity)
@@ -390,7 +390,7 @@ class HierarchicalMoELayer(_ThreadLocalLosses, keras.layers.Layer):
             inner_capacity = inner_group_size
         inner = self.inner_router(inputs_y, expert_capacity=inner_capacity,
                                   importance=importance_y, training=training)
-        return dict(tokens=tokens, importance=importance, num_tokens=num_tokens,
+        return dict(tokens=tokens, importance=importance, num_tokens=num_tokens, finite=finite,
                     groups=groups, capacity=capacity, num_slots=num_slots, outer=outer,
                     inputs_y=inputs_y, inner=inner, by_index=by_index, outer_index=outer_index,
                     outer_slot_gate=slot_gate)
@@ -445,7 +445,7 @@ class HierarchicalMoELayer(_ThreadLocalLosses, keras.layers.Layer):
             outputs = tf.einsum("gsxc,xgcn->gsn",
                                 tf.cast(outer.combine_tensor, expert_outputs_x.dtype),
                                 expert_outputs_x)
-        outputs = ungroup_tokens(outputs, r["num_tokens"], inputs)
+        outputs = ungroup_tokens(outputs, r["num_tokens"], inputs, r["finite"])
 
         loss = outer.aux_loss + inner.aux_loss
         if training and self.z_loss_coef:
@@ -515,7 +515,7 @@ class HierarchicalMoELayer(_ThreadLocalLosses, keras.layers.Layer):
         slot_gates = self._unregroup(slot_gates, r["num_slots"], r["groups"], r["capacity"])
         gates = tf.einsum("gsxc,xgcy->gsxy", r["outer"].combine_tensor, slot_gates)
         gates = tf.reshape(gates, tf.concat([tf.shape(gates)[:2], [x * y]], axis=0))
-        gates = ungroup_tokens(gates, r["num_tokens"], inputs)
+        gates = ungroup_tokens(gates, r["num_tokens"], inputs, r["finite"])
         gates = tf.reshape(gates, tf.concat([tf.shape(inputs)[:-1], [x, y]], axis=0))
         out = dict(gates=gates, dropped_fraction=self._dropped_fraction(r))
         for level in ("outer", "inner"):

@@ -1,5 +1,6 @@
 """The mixture-of-experts Keras layer."""
 
+import collections
 import math
 import threading
 
@@ -138,6 +139,28 @@ def _common_config(layer):
     return config
 
 
+class Grouped(collections.namedtuple(
+        "Grouped", ["tokens", "importance", "num_tokens", "groups", "group_size", "finite"])):
+    """Tokens cut into groups by `group_tokens`, and what undoing it needs.
+
+    Attributes:
+        tokens: `[g, s, m]`, padded with zeros; a token holding NaN or Inf is
+            zeros too.
+        importance: `[g, s]` float32: 1 for a token, 0 for padding, masked
+            and non-finite tokens.
+        num_tokens: `n`, the tokens before padding (an int where static).
+        groups: `g`.
+        group_size: `s`.
+        finite: `[n]` bool, false for the tokens holding NaN or Inf.
+
+    Example:
+    >>> group_tokens(tf.ones([3, 5, 8]), None, group_size=8).groups
+    2
+    """
+
+    __slots__ = ()
+
+
 def group_tokens(inputs, mask, group_size, layer_name="MoELayer"):
     """Cuts tokens `[..., m]` into groups `[g, s, m]`, padding with importance 0.
 
@@ -148,12 +171,15 @@ def group_tokens(inputs, mask, group_size, layer_name="MoELayer"):
         layer_name: the layer named in error messages.
 
     Returns:
-        `(tokens [g, s, m], importance [g, s], n, g, s)`, with `n` the number of
-        tokens before padding (Python ints where the shapes are static).
+        A `Grouped` tuple `(tokens [g, s, m], importance [g, s], n, g, s,
+        finite [n])`, with `n` the number of tokens before padding (Python
+        ints where the shapes are static) and `finite` false for the tokens
+        holding NaN or Inf, for `ungroup_tokens`.
 
     Example:
-    >>> tokens, importance, n, g, s = group_tokens(tf.ones([3, 5, 8]), None, group_size=8)
-    >>> tokens.shape, float(tf.reduce_sum(importance)), (n, g, s)  # 15 tokens, 1 padding
+    >>> grouped = group_tokens(tf.ones([3, 5, 8]), None, group_size=8)
+    >>> tokens, importance, n, g, s, _ = grouped  # 15 tokens, 1 padding
+    >>> tokens.shape, float(tf.reduce_sum(importance)), (n, g, s)
     (TensorShape([2, 8, 8]), 15.0, (15, 2, 8))
     """
     if not inputs.dtype.is_floating:
@@ -179,20 +205,32 @@ def group_tokens(inputs, mask, group_size, layer_name="MoELayer"):
         importance = tf.reshape(tf.cast(mask, tf.float32), [-1])
     # A token holding NaN or Inf is routed nowhere (importance 0, zeros for the
     # router) so it cannot disturb other tokens; `ungroup_tokens` makes its
-    # output NaN, so the problem reaches the loss instead of being hidden.
+    # output NaN, so the problem reaches the loss instead of being hidden. The
+    # zeros cost a select over [n, m] and its gradient: only when needed.
     finite = tf.reduce_all(tf.math.is_finite(tokens), axis=-1)
     importance *= tf.cast(finite, tf.float32)
-    tokens = tf.where(finite[:, None], tokens, tf.zeros_like(tokens))
+    tokens = _unless_all(finite, tokens, tf.zeros([], tokens.dtype))
     groups, size = group_shape(num_tokens, group_size)
     padding = groups * size - num_tokens
-    tokens = tf.pad(tokens, [[0, padding], [0, 0]])
-    importance = tf.pad(importance, [[0, padding]])
+    if not isinstance(padding, int) or padding:
+        tokens = tf.pad(tokens, [[0, padding], [0, 0]])
+        importance = tf.pad(importance, [[0, padding]])
     tokens = tf.reshape(tokens, [groups, size, model_dim])
     importance = tf.reshape(importance, [groups, size])
-    return tokens, importance, num_tokens, groups, size
+    return Grouped(tokens, importance, num_tokens, groups, size, finite)
 
 
-def ungroup_tokens(grouped, num_tokens, inputs):
+def _unless_all(finite, rows, fill):
+    """`rows [n, k]` with `fill` in the rows where `finite [n]` is false.
+
+    A `tf.cond`: when every row is finite (the usual case) nothing is
+    computed, in the forward pass or the backward.
+    """
+    return tf.cond(tf.reduce_all(finite), lambda: rows,
+                   lambda: tf.where(finite[:, None], rows, fill))
+
+
+def ungroup_tokens(grouped, num_tokens, inputs, finite):
     """`[g, s, k]` back to the leading shape of `inputs`: `[..., k]`.
 
     Tokens whose input holds NaN or Inf get NaN (see `group_tokens`).
@@ -201,20 +239,22 @@ def ungroup_tokens(grouped, num_tokens, inputs):
         grouped: `[g, s, k]`, as made by `group_tokens` (padding last).
         num_tokens: `n`, the number of tokens before padding.
         inputs: the layer's inputs `[..., m]`, for their leading shape.
+        finite: `[n]` bool, `group_tokens`'s `finite`.
 
     Returns:
         `[..., k]`.
 
     Example:
     >>> inputs = tf.ones([3, 5, 8])
-    >>> tokens, _, n, _, _ = group_tokens(inputs, None, group_size=8)
-    >>> ungroup_tokens(tokens[..., :2], n, inputs).shape
+    >>> tokens, _, n, _, _, finite = group_tokens(inputs, None, group_size=8)
+    >>> ungroup_tokens(tokens[..., :2], n, inputs, finite).shape
     TensorShape([3, 5, 2])
     """
     width = grouped.shape[-1]
-    flat = tf.reshape(grouped, [-1, width])[:num_tokens]
-    finite = tf.reduce_all(tf.math.is_finite(tf.reshape(inputs, [-1, inputs.shape[-1]])), -1)
-    flat = tf.where(finite[:, None], flat, tf.constant(float("nan"), flat.dtype))
+    flat = tf.reshape(grouped, [-1, width])
+    if not (isinstance(num_tokens, int) and flat.shape[0] == num_tokens):
+        flat = flat[:num_tokens]
+    flat = _unless_all(finite, flat, tf.constant(float("nan"), flat.dtype))
     return tf.reshape(flat, tf.concat([tf.shape(inputs)[:-1], [width]], axis=0))
 
 
@@ -481,20 +521,20 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
     # ------------------------------------------------------------------- call
 
     def _route(self, inputs, mask, training):
-        tokens, importance, num_tokens, _, group_size = group_tokens(
-            inputs, mask, self.group_size)
+        grouped = group_tokens(inputs, mask, self.group_size)
         factor = self.capacity_factor_train if training else self.capacity_factor_eval
         capacity = routing.expert_capacity(
-            group_size, self.num_experts, factor, self.min_expert_capacity)
+            grouped.group_size, self.num_experts, factor, self.min_expert_capacity)
         if self.dropless:
-            capacity = group_size
-        result = self.router(tokens, expert_capacity=capacity, importance=importance,
-                             training=training)
-        return tokens, result, num_tokens
+            capacity = grouped.group_size
+        result = self.router(grouped.tokens, expert_capacity=capacity,
+                             importance=grouped.importance, training=training)
+        return grouped, result
 
     def call(self, inputs, training=None, mask=None):
         training = bool(training)
-        tokens, result, num_tokens = self._route(inputs, mask, training)
+        grouped, result = self._route(inputs, mask, training)
+        tokens = grouped.tokens
         by_index = (dispatch_module.resolve(self.dispatch) == "gather"
                     and result.expert_slots is not None)  # a custom router may give dense only
         if not by_index:
@@ -520,7 +560,7 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
                 expert_outputs, token_index, slot_gates,
                 tokens.shape[0] * tokens.shape[1] if None not in tokens.shape[:2]
                 else tf.shape(tokens)[0] * tf.shape(tokens)[1])  # [g * s, n]
-        outputs = ungroup_tokens(outputs, num_tokens, inputs)
+        outputs = ungroup_tokens(outputs, grouped.num_tokens, inputs, grouped.finite)
 
         loss = result.aux_loss
         if training and self.z_loss_coef:
@@ -561,10 +601,10 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
         inputs = tf.convert_to_tensor(inputs, dtype=self.compute_dtype)
         if not self.built:
             self.build(inputs.shape)
-        _, result, num_tokens = self._route(inputs, mask, training)
+        grouped, result = self._route(inputs, mask, training)
         gates = (result.expert_gates if result.expert_gates is not None
                  else tf.reduce_sum(result.combine_tensor, axis=-1))  # [g, s, e]
-        gates = ungroup_tokens(gates, num_tokens, inputs)
+        gates = ungroup_tokens(gates, grouped.num_tokens, inputs, grouped.finite)
         return dict(gates=gates, aux_loss=result.aux_loss, z_loss=result.z_loss,
                     **result.metrics)
 
