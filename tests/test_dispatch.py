@@ -6,6 +6,7 @@ import tensorflow as tf
 
 import tf_moe
 from tf_moe import dispatch, routing
+from tf_moe.experts import expert_matmul
 from tf_moe.routers import ROUTERS
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
@@ -88,6 +89,42 @@ def test_hierarchical_gather_equals_einsum(training, jit_compile):
     np.testing.assert_allclose(gather._metric_trackers["dropped"].result(),
                                einsum._metric_trackers["dropped"].result(), rtol=1e-6)
     assert float(einsum._metric_trackers["dropped"].result()) > 0  # capacity overflowed
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_expert_matmul_against_numpy(jit_compile):
+    # Under XLA on CPU it is one dot per expert, else one batched matmul.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 5, 4)).astype("float32")
+    w = rng.normal(size=(3, 4, 6)).astype("float32")
+    upstream = rng.normal(size=(3, 5, 6)).astype("float32")
+
+    @tf.function(jit_compile=jit_compile)
+    def run(x, w):
+        with tf.GradientTape() as tape:
+            tape.watch([x, w])
+            y = expert_matmul(x, w)
+            loss = tf.reduce_sum(y * upstream)
+        return [y] + tape.gradient(loss, [x, w])
+
+    y, dx, dw = (t.numpy() for t in run(tf.constant(x), tf.constant(w)))
+    np.testing.assert_allclose(y, np.stack([x[i] @ w[i] for i in range(3)]), **TOLERANCE)
+    np.testing.assert_allclose(dx, np.stack([upstream[i] @ w[i].T for i in range(3)]),
+                               **TOLERANCE)
+    np.testing.assert_allclose(dw, np.stack([x[i].T @ upstream[i] for i in range(3)]),
+                               **TOLERANCE)
+
+
+@pytest.mark.parametrize("make", [lambda: _moe("top_2", "gather"), lambda: _hierarchical("gather")],
+                         ids=["moe", "hierarchical"])
+def test_layers_under_xla_equal_eager(make):
+    layer = make()
+    eager = _outputs_and_gradients(layer, training=False)
+    compiled = _outputs_and_gradients(layer, training=False, jit_compile=True)
+    for a, b in zip(eager, compiled):
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_allclose(b, a, **TOLERANCE)
 
 
 @pytest.mark.parametrize("router", ["top_2", "switch", "noisy_top_k", "switch_max"])

@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from tf_moe import seeding
+from tf_moe import dispatch, seeding
 
 
 _TRUNCATED_NORMAL_STDDEV = 0.87962566103423978  # std of a unit normal truncated at 2
@@ -33,6 +33,33 @@ def serialize_activation(activation):
     if callable(activation):
         return keras.activations.serialize(activation)
     return activation
+
+
+def expert_matmul(x, w):
+    """Each expert's tokens times its own matrix: `"etm,emh->eth"`.
+
+    One batched `tf.matmul` (oneDNN's batched matmul and its gradient beat
+    `tf.einsum`'s on CPU). Compiled by XLA for the CPU, with a static expert
+    axis, it is one 2-D dot per expert instead: XLA's CPU backend runs those
+    faster than its batched dot (~1.02x against ~1.10x a dense layer of the
+    same FLOPs, forward and backward, in `benchmarks/`).
+
+    Args:
+        x: `[e, t, m]`.
+        w: `[e, m, h]`.
+
+    Returns:
+        `[e, t, h]`.
+
+    Example:
+    >>> expert_matmul(tf.ones([2, 3, 4]), tf.ones([2, 4, 5])).shape
+    TensorShape([2, 3, 5])
+    """
+    if (x.shape[0] is not None and dispatch.in_xla_context()
+            and not (tf.config.list_logical_devices("GPU")
+                     or tf.config.list_logical_devices("TPU"))):
+        return tf.stack([tf.matmul(a, b) for a, b in zip(tf.unstack(x), tf.unstack(w))])
+    return tf.matmul(x, w)
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
@@ -134,12 +161,12 @@ class FeedForwardExperts(keras.layers.Layer):
         x = tf.reshape(inputs, [shape[0], -1, shape[-1]])  # [e, t, m]
         hidden = None
         for wi, activation in zip(self.wi, self._activations):
-            h = activation(tf.matmul(x, wi))  # "etm,emh->eth"
+            h = activation(expert_matmul(x, wi))  # "etm,emh->eth"
             hidden = h if hidden is None else hidden * h
         if training and self.dropout_rate > 0:
             hidden = seeding.dropout(hidden, self.dropout_rate,
                                      seeding.next_seed(self.seed_base, self.seed_step))
-        y = tf.matmul(hidden, self.wo)  # "eth,ehn->etn"
+        y = expert_matmul(hidden, self.wo)  # "eth,ehn->etn"
         return tf.reshape(y, tf.concat([shape[:-1], tf.shape(y)[-1:]], axis=0))
 
     def compute_output_shape(self, input_shape):

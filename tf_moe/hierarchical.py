@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from tf_moe import dispatch as dispatch_module
 from tf_moe import distribute, routing, seeding
-from tf_moe.experts import _fan_in_initializer
+from tf_moe.experts import _fan_in_initializer, expert_matmul
 from tf_moe.layers import (
     METRICS,
     _ThreadLocalLosses,
@@ -396,16 +396,28 @@ class HierarchicalMoELayer(_ThreadLocalLosses, keras.layers.Layer):
                     outer_slot_gate=slot_gate)
 
     def _experts(self, expert_inputs, training):
-        """The `x * y` experts: `[x, y, h, d, m]` -> `[x, y, h, d, n]`."""
+        """The `x * y` experts: `[x, y, h, d, m]` -> `[x, y, h, d, n]`.
+
+        As `"xyhdm,xymf->xyhdf"` and `"xyhdf,xyfn->xyhdn"`, computed on the
+        `x * y` experts flattened to one axis by `expert_matmul`.
+        """
+        shape = tf.shape(expert_inputs)  # the runtime (local) expert axes
+
+        def flat(t):  # [x, y, ..., k] -> [x * y, -1, k], statically sized where known
+            x, y = t.shape[:2]
+            experts = x * y if x is not None and y is not None else -1
+            return tf.reshape(t, [experts, -1, t.shape[-1]])
+
         hidden = None
         for wi, activation in zip(self.wi, self._activations):
-            a = activation(tf.einsum("xyhdm,xymf->xyhdf", expert_inputs, wi))
+            a = activation(expert_matmul(flat(expert_inputs), flat(wi)))  # [x * y, h * d, f]
             hidden = a if hidden is None else hidden * a
         if training and self.expert_dropout_rate > 0:
             hidden = seeding.dropout(hidden, self.expert_dropout_rate,
                                      seeding.next_seed(self.dropout_seed_base,
                                                        self.dropout_seed_step))
-        return tf.einsum("xyhdf,xyfn->xyhdn", hidden, self.wo)
+        outputs = expert_matmul(hidden, flat(self.wo))  # [x * y, h * d, n]
+        return tf.reshape(outputs, tf.concat([shape[:-1], tf.shape(outputs)[-1:]], 0))
 
     def call(self, inputs, training=None, mask=None):
         training = bool(training)
