@@ -55,6 +55,7 @@ def expert_matmul(x, w):
     >>> expert_matmul(tf.ones([2, 3, 4]), tf.ones([2, 4, 5])).shape
     TensorShape([2, 3, 5])
     """
+    w = tf.convert_to_tensor(w)  # a weight: its value here (a replica's slice)
     if (x.shape[0] is not None and dispatch.in_xla_context()
             and not (tf.config.list_logical_devices("GPU")
                      or tf.config.list_logical_devices("TPU"))):

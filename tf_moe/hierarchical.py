@@ -404,6 +404,7 @@ class HierarchicalMoELayer(_ThreadLocalLosses, keras.layers.Layer):
         shape = tf.shape(expert_inputs)  # the runtime (local) expert axes
 
         def flat(t):  # [x, y, ..., k] -> [x * y, -1, k], statically sized where known
+            t = tf.convert_to_tensor(t)  # a weight: its value here (a replica's slice)
             x, y = t.shape[:2]
             experts = x * y if x is not None and y is not None else -1
             return tf.reshape(t, [experts, -1, t.shape[-1]])
