@@ -39,7 +39,7 @@ logical devices per replica (a `DeviceAssignment` with
 `experimental_spmd_xla_partitioning=True`), the expert axis of the
 dispatched tokens `[e, g, c, m]`, of the reads of the expert weights and of
 the outputs is annotated with `strategy.experimental_split_to_logical_devices`:
-XLA's SPMD partitioner then splits the expert einsums so each of the `k`
+XLA's SPMD partitioner then splits the expert matmuls so each of the `k`
 cores of a replica computes `e/k` experts (GShard's annotation on
 Mesh-TF's `experts` dimension). The annotated tensors, and the weight
 gradients XLA derives from them, are sharded across the replica's cores;

@@ -1,4 +1,4 @@
-"""Experts: `e` feed-forward networks evaluated together with `tf.einsum`."""
+"""Experts: `e` feed-forward networks evaluated together with batched matmuls."""
 
 import keras
 import tensorflow as tf
