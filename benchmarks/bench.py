@@ -11,6 +11,8 @@ Usage: see benchmarks/README.md. In one run:
   forward+backward) with the experts' achieved GFLOP/s;
 * sweeps over the group size (one group of `s` tokens) and the number of
   experts, XLA off;
+* with `--torch`, lucidrains' PyTorch `mixture-of-experts` and a PyTorch dense
+  baseline at the same group sizes, in their own venv (`torch_runner.py`);
 
 written to `<out>/results.json` and `<out>/results.md`, then plotted by
 `plot.py` into `<out>/*.png` when matplotlib is installed. The dense baseline
@@ -42,6 +44,9 @@ MAIN = dict(tokens=4096, group_size=4096, model_dim=256, num_experts=8, hidden_d
             capacity_factor=1.25)
 DISPATCHES = ("einsum", "gather")
 GARDEN_VENV = os.path.join(HERE, ".venv-garden")
+TORCH_VENV = os.path.join(HERE, ".venv-torch")
+# The PyTorch build this machine has on disk (a CPU build); elsewhere pip may fetch a larger one.
+TORCH_PACKAGES = ["torch==2.13.0", "mixture-of-experts==0.2.3", "numpy"]
 
 
 def log(*args):
@@ -150,6 +155,36 @@ def run_garden(configs):
             results.append(dict(json.loads(line), model="garden/expert_choice"))
     if done.returncode != 0 or len(results) != len(configs):
         log(f"  Model Garden runner failed:\n{done.stderr[-2000:]}")
+    return results
+
+
+def ensure_torch_venv():
+    """The PyTorch venv's python (lucidrains' `mixture-of-experts`), made on first use; or None."""
+    python = os.path.join(TORCH_VENV, "bin", "python")
+    check = [python, "-c", "import torch, mixture_of_experts"]
+    if os.path.exists(python) and subprocess.run(check, capture_output=True).returncode == 0:
+        return python
+    for command in ([sys.executable, "-m", "venv", TORCH_VENV],
+                    [python, "-m", "pip", "install", "--quiet", *TORCH_PACKAGES]):
+        log("  $", " ".join(command))
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            log(f"  PyTorch setup failed, skipping lucidrains:\n{done.stderr[-2000:]}")
+            return None
+    return python
+
+
+def run_torch(configs):
+    """lucidrains' `MoE` and a PyTorch dense baseline, timed by `torch_runner.py`."""
+    python = ensure_torch_venv()
+    if python is None:
+        return []
+    log(f"  lucidrains MoE: {len(configs)} configurations in {TORCH_VENV}")
+    done = subprocess.run([python, os.path.join(HERE, "torch_runner.py"), json.dumps(configs)],
+                          capture_output=True, text=True)
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or len(results) != 2 * len(configs):
+        log(f"  PyTorch runner failed:\n{done.stderr[-2000:]}")
     return results
 
 
@@ -265,6 +300,8 @@ def main():
     parser.add_argument("--no-xla", action="store_true", help="skip the XLA runs")
     parser.add_argument("--no-garden", action="store_true", help="skip Model Garden")
     parser.add_argument("--no-sweeps", action="store_true")
+    parser.add_argument("--torch", action="store_true",
+                        help="also lucidrains' PyTorch mixture-of-experts (creates .venv-torch)")
     parser.add_argument("--rounds", type=int, default=15, help="head-to-head rounds")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -312,6 +349,12 @@ def main():
         log("Model Garden")
         for result in run_garden(garden_configs):
             out[result.pop("section")].append(result)
+
+    if args.torch:
+        log("lucidrains' mixture-of-experts (PyTorch)")
+        sizes = [MAIN["group_size"]] if args.no_sweeps else args.group_sizes
+        out["torch"] = run_torch([dict(MAIN, tokens=s, group_size=s) for s in sizes])
+        save(out, args.out)
 
     log("head to head (interleaved steps)")
     out["head_to_head"] = run_head_to_head(args)

@@ -79,6 +79,25 @@ def sweep_table(rows, key, label):
     return "\n".join(lines)
 
 
+def torch_table(out):
+    """lucidrains' PyTorch MoE beside tf_moe: each as a multiple of its own framework's dense."""
+    rows, tf_rows = out["torch"], out["main"] + out["group_sweep"]
+    lines = ["| s | PyTorch dense ms | lucidrains top-2 ms | × PyTorch dense | TF dense ms | "
+             "tf_moe gather/top-2 ms | × TF dense |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in sorted({row["group_size"] for row in rows}):
+        dense = _ms(_find(rows, model="torch/dense", group_size=s))
+        theirs = _find(rows, model="lucidrains/top_2", group_size=s)
+        tf_dense = _ms(_find(tf_rows, model="dense", group_size=s, xla=False))
+        ours = _ms(_find(tf_rows, model="tf_moe/gather/top_2", group_size=s, xla=False))
+        cells = [dense, _ms(theirs), _ms(theirs) / dense if _ms(theirs) and dense else None,
+                 tf_dense, ours, ours / tf_dense if ours and tf_dense else None]
+        lines.append(f"| {s} | " + " | ".join(
+            _fmt(v, ".2f" if i in (2, 5) else ".1f") for i, v in enumerate(cells)) + " |")
+        if theirs and "error" in theirs:
+            lines.append(f"| {s} | {theirs['error'][:100]} |||||")
+    return "\n".join(lines)
+
+
 def head_to_head_table(h2h):
     lines = []
     for result in h2h["results"]:
@@ -197,6 +216,14 @@ def write(out, directory):
                  "after round", "", head_to_head_table(out["head_to_head"]),
                  "Targets from these rounds:", "",
                  head_to_head_targets(out["head_to_head"], m["matmul_peak_gflops"]), ""]
+    if out.get("torch"):
+        torch_version = next((r["torch"] for r in out["torch"] if "torch" in r), "?")
+        text += [f"### lucidrains' `mixture-of-experts` 0.2.3 (PyTorch {torch_version}, CPU, "
+                 "XLA off for TensorFlow)", "",
+                 "Top-2 gating with Mesh-TF's one-hot einsum dispatch, one group of s tokens; "
+                 "each framework's MoE as a multiple of its own dense layer of equal FLOPs, "
+                 "timed in its own process (the PyTorch runner measures its dense baseline "
+                 "beside it).", "", torch_table(out), ""]
     if out["group_sweep"]:
         text += ["### Group size sweep (one group of s tokens, e=8, XLA off): ms per step", "",
                  sweep_table(out["group_sweep"], "group_size", "s"), ""]
