@@ -118,74 +118,61 @@ def run_tf(config, kind, xla, router=None, dispatch=None):
 # --------------------------------------------------------------- Model Garden
 
 
-def ensure_garden_venv():
-    """The Model Garden venv's python, created on first use; None if that fails."""
-    python = os.path.join(GARDEN_VENV, "bin", "python")
-    check = [python, "-c", "import tf_keras, six, official.modeling.tf_utils"]
+def _ensure_venv(venv, imports, pip_args, name, system_site_packages=False):
+    """`venv`'s python, created with `pip install pip_args` on first use; None if that fails."""
+    python = os.path.join(venv, "bin", "python")
+    check = [python, "-c", f"import {imports}"]
     if os.path.exists(python) and subprocess.run(check, capture_output=True).returncode == 0:
         return python
-    major, minor = tf.__version__.split(".")[:2]
-    steps = [
-        [sys.executable, "-m", "venv", "--system-site-packages", GARDEN_VENV],
-        [python, "-m", "pip", "install", "--quiet", "--no-deps", "tf-models-official",
-         f"tf-keras~={major}.{minor}.0", "six"],
-    ]
-    for command in steps:
+    create = [sys.executable, "-m", "venv", venv]
+    if system_site_packages:
+        create.append("--system-site-packages")
+    for command in (create, [python, "-m", "pip", "install", "--quiet", *pip_args]):
         log("  $", " ".join(command))
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            log(f"  Model Garden setup failed, skipping it:\n{done.stderr[-2000:]}")
+            log(f"  {name} setup failed, skipping it:\n{done.stderr[-2000:]}")
             return None
     if subprocess.run(check, capture_output=True).returncode != 0:
-        log("  Model Garden installed but `official.modeling.tf_utils` does not import; skipping.")
+        log(f"  {name} installed but `import {imports}` fails; skipping it.")
         return None
     return python
+
+
+def _run_in_venv(python, script, configs, name, lines_per_config):
+    """`python script CONFIGS_JSON`: the JSON lines it prints."""
+    log(f"  {name}: {len(configs)} configurations with {python}")
+    done = subprocess.run([python, os.path.join(HERE, script), json.dumps(configs)],
+                          capture_output=True, text=True)
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or len(results) != lines_per_config * len(configs):
+        log(f"  {name} runner failed:\n{done.stderr[-2000:]}")
+    return results
+
+
+def ensure_garden_venv():
+    """The Model Garden venv's python: it sees the installed TensorFlow and tf_moe."""
+    major, minor = tf.__version__.split(".")[:2]
+    return _ensure_venv(
+        GARDEN_VENV, "tf_keras, six, official.modeling.tf_utils",
+        ["--no-deps", "tf-models-official", f"tf-keras~={major}.{minor}.0", "six"],
+        "Model Garden", system_site_packages=True)
 
 
 def run_garden(configs):
     python = ensure_garden_venv()
     if python is None:
         return []
-    log(f"  Model Garden MoeLayer: {len(configs)} configurations in {GARDEN_VENV}")
-    done = subprocess.run([python, os.path.join(HERE, "garden_runner.py"), json.dumps(configs)],
-                          capture_output=True, text=True)
-    results = []
-    for line in done.stdout.splitlines():
-        if line.startswith("{"):
-            results.append(dict(json.loads(line), model="garden/expert_choice"))
-    if done.returncode != 0 or len(results) != len(configs):
-        log(f"  Model Garden runner failed:\n{done.stderr[-2000:]}")
-    return results
-
-
-def ensure_torch_venv():
-    """The PyTorch venv's python (lucidrains' `mixture-of-experts`), made on first use; or None."""
-    python = os.path.join(TORCH_VENV, "bin", "python")
-    check = [python, "-c", "import torch, mixture_of_experts"]
-    if os.path.exists(python) and subprocess.run(check, capture_output=True).returncode == 0:
-        return python
-    for command in ([sys.executable, "-m", "venv", TORCH_VENV],
-                    [python, "-m", "pip", "install", "--quiet", *TORCH_PACKAGES]):
-        log("  $", " ".join(command))
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            log(f"  PyTorch setup failed, skipping lucidrains:\n{done.stderr[-2000:]}")
-            return None
-    return python
+    return [dict(result, model="garden/expert_choice")
+            for result in _run_in_venv(python, "garden_runner.py", configs, "Model Garden", 1)]
 
 
 def run_torch(configs):
     """lucidrains' `MoE` and a PyTorch dense baseline, timed by `torch_runner.py`."""
-    python = ensure_torch_venv()
+    python = _ensure_venv(TORCH_VENV, "torch, mixture_of_experts", TORCH_PACKAGES, "PyTorch")
     if python is None:
         return []
-    log(f"  lucidrains MoE: {len(configs)} configurations in {TORCH_VENV}")
-    done = subprocess.run([python, os.path.join(HERE, "torch_runner.py"), json.dumps(configs)],
-                          capture_output=True, text=True)
-    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or len(results) != 2 * len(configs):
-        log(f"  PyTorch runner failed:\n{done.stderr[-2000:]}")
-    return results
+    return _run_in_venv(python, "torch_runner.py", configs, "lucidrains MoE", 2)
 
 
 def run_head_to_head(args):
