@@ -115,6 +115,12 @@ def run_tf(config, kind, xla, router=None, dispatch=None):
     return dict(config, model=name, xla=xla, **result)
 
 
+def run_moes(config, xla, routers):
+    """tf_moe on `config` with every dispatch and each of `routers`."""
+    return [run_tf(config, "moe", xla, router, dispatch)
+            for dispatch in DISPATCHES for router in routers]
+
+
 # --------------------------------------------------------------- Model Garden
 
 
@@ -302,9 +308,7 @@ def main():
     log("main configuration")
     for xla in [False] if args.no_xla else [False, True]:
         out["main"].append(run_tf(MAIN, "dense", xla))
-        for dispatch in DISPATCHES:
-            for router in args.routers:
-                out["main"].append(run_tf(MAIN, "moe", xla, router, dispatch))
+        out["main"] += run_moes(MAIN, xla, args.routers)
         garden_configs.append(dict(MAIN, xla=xla, section="main"))
 
     save(out, args.out)
@@ -319,17 +323,13 @@ def main():
         for s in args.group_sizes:
             config = dict(MAIN, tokens=s, group_size=s)
             out["group_sweep"].append(run_tf(config, "dense", False))
-            for dispatch in DISPATCHES:
-                for router in args.sweep_routers:
-                    out["group_sweep"].append(run_tf(config, "moe", False, router, dispatch))
+            out["group_sweep"] += run_moes(config, False, args.sweep_routers)
             garden_configs.append(dict(config, xla=False, section="group_sweep"))
         save(out, args.out)
         log("experts sweep")
         for e in args.experts:
             config = dict(MAIN, num_experts=e)
-            for dispatch in DISPATCHES:
-                for router in args.sweep_routers:
-                    out["expert_sweep"].append(run_tf(config, "moe", False, router, dispatch))
+            out["expert_sweep"] += run_moes(config, False, args.sweep_routers)
             garden_configs.append(dict(config, xla=False, section="expert_sweep"))
 
     if not args.no_garden:
