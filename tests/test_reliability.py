@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import tf_moe
 import tf_moe.routers
+from tf_moe import seeding
 
 ALL_ROUTERS = list(tf_moe.routers.ROUTERS)
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -205,6 +206,56 @@ def test_layer_seed_gives_the_same_routing_without_global_seed():
     for _ in range(2):
         np.testing.assert_array_equal(a.route(x, training=True)["gates"].numpy(),
                                       b.route(x, training=True)["gates"].numpy())
+
+
+def _philox_bits(shape, seed):
+    return tf.random.stateless_uniform(shape, seed, dtype=tf.uint32, minval=None, maxval=None,
+                                       alg="philox").numpy()
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_random_draws_are_tensorflows_with_and_without_xla(jit_compile):
+    shape, seed = [3, 333], [11, -5]  # an odd size: the last normal pair is cut
+    # NumPy reference from the Philox words: TensorFlow's Uint32ToFloat (low 23
+    # bits) and Box-Muller on consecutive pairs of words.
+    unit = ((_philox_bits([999], seed) & 0x7FFFFF) | 0x3F800000).view(np.float32) - 1
+    pairs = ((_philox_bits([1000], seed) & 0x7FFFFF) | 0x3F800000).view(np.float32) - 1.0
+    pairs = pairs.astype(np.float64).reshape(500, 2)
+    radius = np.sqrt(-2.0 * np.log(np.maximum(pairs[:, 0], 1e-7)))
+    normal = np.stack([np.sin(2 * np.pi * pairs[:, 1]) * radius,
+                       np.cos(2 * np.pi * pairs[:, 1]) * radius], axis=1).reshape(-1)[:999]
+
+    def draws():
+        return (seeding.uniform(shape, seed), seeding.uniform(shape, seed, 0.99, 1.01),
+                seeding.normal(shape, seed))
+
+    if jit_compile:
+        draws = tf.function(draws, jit_compile=True, autograph=False)
+    got_unit, got_jitter, got_normal = (t.numpy().reshape(-1) for t in draws())
+    np.testing.assert_array_equal(got_unit, unit)  # bit for bit
+    np.testing.assert_allclose(got_jitter, 0.99 + 0.02 * unit.astype(np.float64), rtol=0,
+                               atol=2.5e-7)  # XLA fuses the scaling: the last bit may differ
+    np.testing.assert_allclose(got_normal, normal, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(
+        got_unit, tf.random.stateless_uniform(shape, seed, alg="philox").numpy().reshape(-1))
+
+
+@pytest.mark.parametrize("router, kwargs", [
+    ("switch", {}),  # input jitter
+    ("expert_selection", {}),
+    ("switch", dict(switch_policy_train="input_dropout")),
+    ("switch", dict(switch_policy_train="sample")),
+    ("top_2", dict(second_threshold_train=0.9)),  # the "random" second policy
+    ("noisy_top_k", {}),  # Gaussian noise
+], ids=["jitter", "expert_selection", "dropout", "sample", "top_2_random", "noisy_top_k"])
+def test_random_policies_draw_the_same_under_jit_compile(router, kwargs):
+    x = np.random.default_rng(0).normal(size=(4, 16, 6)).astype("float32")
+    eager = tf_moe.MoELayer(num_experts=4, router=router, seed=9, **kwargs)
+    compiled = tf_moe.MoELayer(num_experts=4, router=router, seed=9, **kwargs)
+    route = tf.function(lambda x: compiled.route(x, training=True)["gates"], jit_compile=True)
+    for _ in range(2):  # fresh draws at each step, the same in both
+        np.testing.assert_allclose(route(x).numpy(), eager.route(x, training=True)["gates"],
+                                   rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------- interrupted training

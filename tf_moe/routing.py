@@ -25,6 +25,8 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
+from tf_moe import seeding
+
 SECOND_POLICIES = ("all", "none", "threshold", "random")
 SWITCH_POLICIES = ("argmax", "sample", "input_jitter", "input_dropout")
 _EPSILON = 1e-9
@@ -893,8 +895,7 @@ def _uniform(shape, seed, minval=0.0, salt=0):
         seed = [seed, salt]
     elif salt:  # a [2] seed tensor: a different stream per salt
         seed = tf.random.experimental.stateless_fold_in(seed, salt)
-    return tf.random.stateless_uniform(shape, seed=seed, minval=minval, maxval=1.0,
-                                       alg="philox")  # same draws with and without XLA
+    return seeding.uniform(shape, seed, minval, 1.0)  # the same draws with and without XLA
 
 
 def _normal(shape, seed):
@@ -905,7 +906,7 @@ def _normal(shape, seed):
         return tf.cast(keras.random.normal(shape, seed=seed), tf.float32)
     if isinstance(seed, int):
         seed = [seed, 0]
-    return tf.random.stateless_normal(shape, seed=seed, alg="philox")
+    return seeding.normal(shape, seed)
 
 
 def _float32_logits(logits, min_experts=1):

@@ -7,13 +7,17 @@ counts the draws. Both live in non-trainable int32 weights of the layer, so
 `.keras` files, `tf.train.Checkpoint` and `keras.callbacks.BackupAndRestore`
 restore the stream: a resumed run draws exactly what an uninterrupted run
 would have drawn. (Keras' `SeedGenerator` state is not part of a layer's saved
-weights.)
+weights.) A model compiled with `jit_compile=True` draws what it draws without
+(see `uniform` and `normal`).
 """
 
+import math
 import random
 
 import keras
 import tensorflow as tf
+
+from tf_moe import dispatch
 
 # Keeps the inference seed apart from every training step's.
 INFERENCE_STEP = -1
@@ -55,10 +59,82 @@ def next_seed(base, step, training=True):
     return seed
 
 
+def _unit_floats(bits):
+    """Floats in `[0, 1)` from uint32 Philox bits, as TensorFlow's CPU/GPU kernels.
+
+    The low 23 bits become the mantissa of a float in `[1, 2)`, less 1 (the
+    `Uint32ToFloat` of TensorFlow's `random_distributions.h`).
+    """
+    mantissa = tf.bitwise.bitwise_and(bits, tf.constant(0x7FFFFF, tf.uint32))
+    one_to_two = tf.bitwise.bitwise_or(mantissa, tf.constant(0x3F800000, tf.uint32))
+    return tf.bitcast(one_to_two, tf.float32) - 1.0
+
+
+def _philox_bits(shape, seed):
+    return tf.random.stateless_uniform(shape, seed=seed, dtype=tf.uint32, minval=None,
+                                       maxval=None, alg="philox")
+
+
 def uniform(shape, seed, minval=0.0, maxval=1.0):
-    """Stateless uniform samples from a `[2]` seed (philox: same with and without XLA)."""
-    return tf.random.stateless_uniform(shape, seed=seed, minval=minval, maxval=maxval,
-                                       alg="philox")
+    """Stateless float32 uniform samples in `[minval, maxval)` from a `[2]` seed.
+
+    The same draws with and without XLA: TensorFlow's own kernel outside XLA;
+    inside, the same Philox bits made floats the way that kernel makes them
+    (XLA's `stateless_uniform` uses other bits of each word, so a model
+    compiled with `jit_compile=True` drew other jitter than the same model
+    run without). The unit draws are bit-identical; XLA fuses the scaling to
+    `[minval, maxval)` into one multiply-add, which may round the last bit
+    differently.
+
+    Args:
+        shape: the output shape.
+        seed: `[2]` int32 tensor or list.
+        minval: lower bound (included).
+        maxval: upper bound (excluded).
+
+    Returns:
+        A float32 tensor of `shape`.
+
+    Example:
+    >>> draws = uniform([3], [1, 2], 0.5, 1.5)
+    >>> bool(tf.reduce_all((draws >= 0.5) & (draws < 1.5)))
+    True
+    """
+    if not dispatch.in_xla_context():
+        return tf.random.stateless_uniform(shape, seed=seed, minval=minval, maxval=maxval,
+                                           alg="philox")
+    low, high = tf.constant(minval, tf.float32), tf.constant(maxval, tf.float32)
+    return _unit_floats(_philox_bits(shape, seed)) * (high - low) + low
+
+
+def normal(shape, seed):
+    """Stateless standard normal float32 samples from a `[2]` seed.
+
+    The same draws with and without XLA, up to float rounding of `log`,
+    `sin` and `cos`: inside XLA, TensorFlow's kernel (Box-Muller on pairs of
+    Philox words) is rebuilt from the same bits.
+
+    Args:
+        shape: the output shape.
+        seed: `[2]` int32 tensor or list.
+
+    Returns:
+        A float32 tensor of `shape`.
+
+    Example:
+    >>> normal([2, 3], [1, 2]).shape
+    TensorShape([2, 3])
+    """
+    if not dispatch.in_xla_context():
+        return tf.random.stateless_normal(shape, seed=seed, alg="philox")
+    size = tf.reduce_prod(shape)
+    pairs = (size + 1) // 2
+    unit = tf.reshape(_unit_floats(_philox_bits([2 * pairs], seed)), [pairs, 2])
+    radius = tf.sqrt(-2.0 * tf.math.log(tf.maximum(unit[:, 0], 1e-7)))
+    angle = 2.0 * math.pi * unit[:, 1]
+    samples = tf.reshape(tf.stack([tf.sin(angle) * radius, tf.cos(angle) * radius], axis=1),
+                         [-1])
+    return tf.reshape(samples[:size], shape)
 
 
 def dropout(x, rate, seed):
