@@ -220,12 +220,25 @@ def test_switch_second_place_expert_prob(fn):
     np.testing.assert_array_equal(zero.combine_tensor.numpy(), plain.combine_tensor.numpy())
     assert float(zero.aux_loss) == float(plain.aux_loss)
 
-    probs = tf.nn.softmax(logits).numpy()
+    # Mesh-TF masks the top logit before the softmax: the second expert's gate is
+    # p_2 / (1 - p_1), and the losses see the masked probabilities.
+    masked = np.where(np.arange(4) == best[..., None], -np.inf, logits.astype(np.float64))
+    masked_probs = np.exp(masked - masked.max(-1, keepdims=True))
+    masked_probs /= masked_probs.sum(-1, keepdims=True)
     one = fn(logits, s, policy="argmax", second_place_expert_prob=1.0, seed=3)
     assign = one.combine_tensor.numpy().sum(-1)
     np.testing.assert_array_equal(assign.argmax(-1), second)
     np.testing.assert_allclose(assign.max(-1), np.take_along_axis(
-        probs, second[..., None], -1)[..., 0], rtol=RTOL, atol=ATOL)
+        masked_probs, second[..., None], -1)[..., 0], rtol=RTOL, atol=ATOL)
+    density = np.eye(4)[second].mean(axis=1)  # [g, e]
+    np.testing.assert_allclose(float(one.aux_loss),
+                               np.mean(masked_probs.mean(axis=1) * density) * 16, rtol=1e-5)
+    log_partition = np.log(np.exp(np.where(np.isinf(masked), -1e9, masked)).sum(-1))
+    np.testing.assert_allclose(float(one.z_loss), np.mean(log_partition ** 2), rtol=1e-5)
+    sampled = fn(logits, s, policy="sample", second_place_expert_prob=1.0, seed=3)
+    sampled_choice = sampled.combine_tensor.numpy().sum(-1).argmax(-1)
+    assert not np.any(sampled_choice == best)  # sampled among the others only
+    assert np.mean(sampled_choice == second) > 0.4  # ... by their probabilities
 
     part = fn(logits, s, policy="argmax", second_place_expert_prob=0.3, seed=3)
     chosen = part.combine_tensor.numpy().sum(-1).argmax(-1)

@@ -152,13 +152,12 @@ class HierarchicalMoELayer(_ThreadLocalLosses, keras.layers.Layer):
 
     * Every argument has a default (Mesh-TF's MoE2D crashes on missing
       hparams) and is checked when the layer is made.
-    * Both capacities are at least `min_expert_capacity` and at most the
-      group size (Mesh-TF: `min(s, int(s * factor / x))`, which can be 0).
+    * Both capacities are `max(min(s, int(s * factor / x)),
+      min_expert_capacity)` as Mesh-TF's, and never more than the group size
+      (Mesh-TF's floor can exceed it when the groups are small).
     * Any number of tokens: both levels pad to whole groups with importance 0
       (Mesh-TF needs the token counts to split evenly into groups, and sizes
       the groups by the mesh layout). There is no outer batch axis `a`.
-    * The outer router sees the Keras mask and the padding as importance
-      (Mesh-TF passes none at the outer level).
     * The `"random"` second policy draws fresh noise in training but a fixed
       seed per router outside training, so inference is deterministic and a
       reloaded model predicts exactly as before (Mesh-TF draws fresh noise at

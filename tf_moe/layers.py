@@ -61,8 +61,14 @@ def group_shape(num_tokens, group_size):
     """Groups `g` and group size `s` for `num_tokens` tokens.
 
     `g = ceil(n / group_size)` groups of `s = ceil(n / g)` tokens: at most
-    `g - 1` padding tokens. When `n` divides evenly this is Mesh-TF's split.
-    An empty batch gets one group of one padding token.
+    `g - 1` padding tokens. When `group_size` divides `n` this is Mesh-TF's
+    `_split_into_groups`. Departure otherwise: Mesh-TF starts from
+    `floor(n / group_size)` groups, which can be larger than `group_size`
+    against its own docstring (1,536 tokens and `group_size=1024` make one
+    group of 1,536), and adds groups until they divide `n` (a prime `n` gets
+    groups of one token); here no group is larger than `group_size`, and the
+    last few slots are padding. An empty batch gets one group of one padding
+    token.
 
     Args:
         num_tokens: `n`, a Python int or a scalar int tensor.

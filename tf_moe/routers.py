@@ -47,7 +47,8 @@ class Router(keras.layers.Layer):
         num_experts: `e`, the number of experts; `None` lets the `MoELayer`
             that owns the router set it.
         kernel_initializer: initializer of the `[m, e]` kernel. Default: a
-            truncated normal with variance `1 / m` (Mesh-TF's dense default).
+            truncated normal with variance `1 / m` (Mesh-TF's dense layers
+            truncate without rescaling: 0.77 times that variance).
         seed: int or None, seeds the router's random policies.
         **kwargs: base `Layer` arguments. The dtype is always float32.
 

@@ -286,7 +286,10 @@ def top_n_gating(
     importance > 0 (in Mesh-TF padding moved it).
 
     Importance: 1 gives up to `n` experts, `0 < imp < 1` at most one (its top
-    expert, queued as a second choice, as top-2), 0 none.
+    expert, queued as a second choice, as top-2), 0 none. Departure: Mesh-TF's
+    `_top_n_gating` gives a token with `0 < imp < 1` all `n` experts; here
+    `n=2` stays `top_2_gating` for every importance (only the hierarchical
+    layer, which routes with top-2, passes such importances).
 
     Args:
         logits: `[..., s, e]` router logits, `e >= n`.
@@ -371,12 +374,18 @@ def switch_gating(
     `"input_dropout"` perturb the router's inputs, which is the router layer's
     job; here they route like `"argmax"`. With `second_place_expert_prob`
     (Mesh-TF's `moe_use_second_place_expert_prob`, for exploration in
-    training) a token goes instead to its second-best expert with that
-    probability.
+    training), with that probability a token's top logit is set 1e9 lower
+    before the softmax, as Mesh-TF: it goes to its second-best expert (or,
+    with `"sample"`, to one sampled from the others) with gate
+    `p_2 / (1 - p_1)`, and the balance loss, z-loss and metrics see the
+    masked logits.
 
     Only tokens with importance 1 are routed (as Mesh-TF). Departure from
-    Mesh-TF: `density_1` is computed after the importance mask, so tokens with
-    importance 0 (padding) do not move the balance loss.
+    Mesh-TF: tokens with importance 0 (padding) do not move the balance loss.
+    `density_1` is computed after the importance mask, and `density_1_proxy`
+    is the mean over the group of the routed tokens' probabilities (Mesh-TF
+    averages over all tokens, padding included, and then scales by the share
+    of non-padding tokens).
 
     Args:
         logits: `[..., s, e]` router logits.
@@ -444,6 +453,13 @@ def _switch(logits, expert_capacity, importance, policy, temperature,
     if second_place_expert_prob is not None and not 0.0 <= second_place_expert_prob <= 1.0:
         raise ValueError(
             f"second_place_expert_prob must be None or in [0, 1], got {second_place_expert_prob!r}.")
+    if second_place_expert_prob:
+        # Mesh-TF's `_stochastically_use_non_top_expert`: an exploring token's top
+        # logit gets -1e9, so everything below (choice, gate, losses, metrics)
+        # sees the other experts only.
+        top, _ = _top_1(logits)
+        explore = _uniform(tf.shape(logits)[:-1], seed, salt=1) < second_place_expert_prob
+        logits = tf.where(explore[..., None], logits - 1e9 * top, logits)
     raw_gates = tf.nn.softmax(logits, axis=-1)
     if policy == "sample" and temperature > 0:
         u = _uniform(tf.shape(logits), seed, minval=_EPSILON)
@@ -451,10 +467,6 @@ def _switch(logits, expert_capacity, importance, policy, temperature,
     else:
         choice_scores = raw_gates
     mask, _ = _top_1(choice_scores)
-    if second_place_expert_prob:
-        second, _ = _top_1(tf.where(mask > 0, -1.0, raw_gates))
-        explore = _uniform(tf.shape(logits)[:-1], seed, salt=1) < second_place_expert_prob
-        mask = tf.where(explore[..., None], second, mask)
     gate = tf.reduce_sum(raw_gates * mask, axis=-1)
     density_1_proxy = raw_gates
     if importance is not None:
