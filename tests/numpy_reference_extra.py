@@ -204,6 +204,50 @@ def switch_max(logits, capacity, importance=None):
     return _finish(combines, balance_loss(proxies, counts, s))
 
 
+def ntlb(logits, capacity, k, importance=None):
+    """No-token-left-behind switch (Mesh-TF `_ntlb_gating`, argmax policy).
+
+    Tokens with importance 1 rank the experts by softmax probability (the
+    first index wins ties). Round i offers every still-unrouted token to its
+    i-th expert, in token order, behind everything routed in earlier rounds;
+    gate = that expert's raw probability. Balance loss: Mesh-TF's density has
+    one row per choice i, so `mean_{g,i,e}(mean_s(proxy) * mean_s(choice_i)) * e^2`
+    (padding counted in neither).
+    """
+    logits, importance = _inputs(logits, importance)
+    g, s, e = logits.shape
+    combines, loss = [], 0.0
+    for gi in range(g):
+        buffers = Buffers(s, e, capacity)
+        proxy = [0.0] * e
+        counts = [[0.0] * e for _ in range(k)]
+        ranked = {}
+        for t in range(s):
+            if importance[gi, t] != 1.0:
+                continue
+            gates = softmax(logits[gi, t])
+            order = []
+            for _ in range(k):
+                order.append(argmax(gates, excluded=order))
+            ranked[t] = (gates, order)
+            for ei in range(e):
+                proxy[ei] += gates[ei]
+            for i, ei in enumerate(order):
+                counts[i][ei] += 1.0
+        unrouted = sorted(ranked)
+        for i in range(k):
+            still = []
+            for t in unrouted:
+                gates, order = ranked[t]
+                if not buffers.offer(t, order[i], gates[order[i]]):
+                    still.append(t)
+            unrouted = still
+        combines.append(buffers.combine)
+        for i in range(k):
+            loss += balance_loss([proxy], [counts[i]], s) / (g * k)
+    return _finish(combines, loss)
+
+
 def truncated_top_2(logits, capacity, importance=None):
     """tensor2tensor `_truncated_top_2_gating_mtf` with tf_moe's departures.
 

@@ -63,6 +63,10 @@ ROUTERS = [
                logits, c, importance=imp, second_place_expert_prob=0.5, seed=seed)),
     Router("switch-max", "switch", 1, True,
            lambda logits, c, imp, seed: routing.switch_max_gating(logits, c, importance=imp)),
+    Router("ntlb", "switch", 1, True,
+           lambda logits, c, imp, seed: routing.ntlb_gating(
+               logits, c, k=min(3, logits.shape[-1]), importance=imp,
+               second_place_expert_prob=0.3, seed=seed)),
     Router("truncated-top-2", "truncated", 2, True,
            lambda logits, c, imp, seed: routing.truncated_top_2_gating(
                logits, c, importance=imp)),

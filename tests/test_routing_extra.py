@@ -249,6 +249,46 @@ def test_switch_second_place_expert_prob(fn):
     np.testing.assert_array_equal(again.combine_tensor.numpy(), part.combine_tensor.numpy())
 
 
+@pytest.mark.parametrize("importance_kind", IMPORTANCE_KINDS)
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_ntlb_matches_reference(k, importance_kind):
+    for seed in SEEDS:
+        logits, c, imp = make_case(seed, importance_kind)
+        r = routing.ntlb_gating(logits, c, k=k, importance=imp)
+        dispatch, combine, loss = ref.ntlb(logits, c, k, imp)
+        np.testing.assert_array_equal(r.dispatch_tensor.numpy(), dispatch)
+        np.testing.assert_allclose(r.combine_tensor.numpy(), combine, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(float(r.aux_loss), loss, rtol=RTOL, atol=ATOL)
+
+
+def test_ntlb_leaves_a_token_behind_only_when_its_k_experts_are_full():
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((2, 40, 5)).astype(np.float32) * 3
+    for k in (1, 3, 5):
+        r = routing.ntlb_gating(logits, 6, k=k)
+        held = r.dispatch_tensor.numpy().sum(axis=(-2, -1))  # [g, s] slots per token
+        assert held.max() <= 1
+        full = r.dispatch_tensor.numpy().sum(axis=(1, 3)) == 6  # [g, e]
+        top = np.argsort(-logits, axis=-1, kind="stable")[..., :k]
+        for gi, t in zip(*np.nonzero(held == 0)):
+            assert full[gi, top[gi, t]].all()  # every expert it could try was full
+        if k == 5:  # every expert may be tried: 30 slots for 40 tokens, all used
+            assert held.sum() == 2 * 30
+    switch = routing.switch_gating(logits, 6, policy="argmax")
+    np.testing.assert_array_equal(routing.ntlb_gating(logits, 6, k=1).combine_tensor.numpy(),
+                                  switch.combine_tensor.numpy())
+
+
+def test_ntlb_rejects_bad_arguments():
+    logits = np.zeros((1, 8, 3), np.float32)
+    with pytest.raises(ValueError, match="k must be"):
+        routing.ntlb_gating(logits, 2, k=0)
+    with pytest.raises(ValueError, match="policy"):
+        routing.ntlb_gating(logits, 2, k=2, policy="sample")
+    with pytest.raises(ValueError):
+        routing.ntlb_gating(logits, 2, k=4)  # more choices than experts
+
+
 def test_switch_max_keeps_most_confident():
     for seed in SEEDS:
         logits, c, imp = make_case(seed, "mixed", tight=True)

@@ -381,7 +381,8 @@ def switch_gating(
     masked logits.
 
     Only tokens with importance 1 are routed (as Mesh-TF). Departure from
-    Mesh-TF: tokens with importance 0 (padding) do not move the balance loss.
+    Mesh-TF: how tokens with importance 0 (padding) would route does not move
+    the balance loss (whose means still run over all `s` tokens, as Mesh-TF).
     `density_1` is computed after the importance mask, and `density_1_proxy`
     is the mean over the group of the routed tokens' probabilities (Mesh-TF
     averages over all tokens, padding included, and then scales by the share
@@ -444,23 +445,39 @@ def switch_max_gating(
                    second_place_expert_prob, seed, batch_prioritized=True)
 
 
-def _switch(logits, expert_capacity, importance, policy, temperature,
-            second_place_expert_prob, seed, batch_prioritized):
-    logits = _float32_logits(logits)
-    _check_choice("policy", policy, SWITCH_POLICIES)
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}.")
+def _switch_logits(logits, policy, policies, second_place_expert_prob, seed, min_experts=1):
+    """Float32 logits after Mesh-TF's exploration, and their softmax `[..., s, e]`."""
+    logits = _float32_logits(logits, min_experts)
+    _check_choice("policy", policy, policies)
     if second_place_expert_prob is not None and not 0.0 <= second_place_expert_prob <= 1.0:
         raise ValueError(
             f"second_place_expert_prob must be None or in [0, 1], got {second_place_expert_prob!r}.")
     if second_place_expert_prob:
         # Mesh-TF's `_stochastically_use_non_top_expert`: an exploring token's top
-        # logit gets -1e9, so everything below (choice, gate, losses, metrics)
+        # logit gets -1e9, so everything after (choice, gate, losses, metrics)
         # sees the other experts only.
         top, _ = _top_1(logits)
         explore = _uniform(tf.shape(logits)[:-1], seed, salt=1) < second_place_expert_prob
         logits = tf.where(explore[..., None], logits - 1e9 * top, logits)
-    raw_gates = tf.nn.softmax(logits, axis=-1)
+    return logits, tf.nn.softmax(logits, axis=-1)
+
+
+def _routed_only(importance, logits, *tensors):
+    """`tensors` `[..., s, ...]` zeroed where importance is not 1 (switch's rule)."""
+    if importance is None:
+        return tensors
+    first = _importance_weight(importance, logits, lambda imp: tf.equal(imp, 1.0))
+    trailing = [None] * 3  # up to `[..., s, k, e]`
+    return tuple(t * first[(...,) + tuple(trailing[:t.shape.rank - first.shape.rank])]
+                 for t in tensors)
+
+
+def _switch(logits, expert_capacity, importance, policy, temperature,
+            second_place_expert_prob, seed, batch_prioritized):
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}.")
+    logits, raw_gates = _switch_logits(logits, policy, SWITCH_POLICIES,
+                                       second_place_expert_prob, seed)
     if policy == "sample" and temperature > 0:
         u = _uniform(tf.shape(logits), seed, minval=_EPSILON)
         choice_scores = logits - temperature * tf.math.log(-tf.math.log(u))
@@ -468,12 +485,7 @@ def _switch(logits, expert_capacity, importance, policy, temperature,
         choice_scores = raw_gates
     mask, _ = _top_1(choice_scores)
     gate = tf.reduce_sum(raw_gates * mask, axis=-1)
-    density_1_proxy = raw_gates
-    if importance is not None:
-        first = _importance_weight(importance, logits, lambda imp: tf.equal(imp, 1.0))
-        mask *= first[..., None]
-        gate *= first
-        density_1_proxy *= first[..., None]
+    mask, gate, density_1_proxy = _routed_only(importance, logits, mask, gate, raw_gates)
     aux_loss = _balance_loss(density_1_proxy, mask)
     if batch_prioritized:
         _check_capacity_within_group(expert_capacity, logits)
@@ -485,6 +497,65 @@ def _switch(logits, expert_capacity, importance, policy, temperature,
     queue = _BufferQueue(expert_capacity)
     queue.push(mask, gate)
     return _result(queue, aux_loss, logits, importance)
+
+
+def ntlb_gating(
+    logits,
+    expert_capacity,
+    *,
+    k=4,
+    importance=None,
+    policy="argmax",
+    second_place_expert_prob=None,
+    seed=None,
+):
+    """No-token-left-behind switch gating (Mesh-TF `_ntlb_gating`).
+
+    Each token goes to one expert with its raw softmax probability as gate, as
+    `switch_gating`, but a token its best expert has no room for tries its
+    second best, then its third, up to its `k`-th: round `i` queues the
+    `i`-th choices of the tokens still unrouted behind everything routed in
+    earlier rounds. The balance loss is Mesh-TF's: `mean(proxy * density) *
+    e^2` with `density` the share of each expert among the tokens' choice `i`,
+    averaged over all `k` choices. `"input_jitter"` and `"input_dropout"` are
+    the router layer's; here they route like `"argmax"` (Mesh-TF's ntlb
+    ignores input dropout). Only tokens with importance 1 are routed, and
+    padding moves neither the density nor the proxy (as `switch_gating`).
+
+    Args:
+        logits: `[..., s, e]` router logits, `e >= k`.
+        expert_capacity: `c`, int >= 1 (or a scalar int tensor).
+        k: choices a token may try, an int >= 1 (Mesh-TF's `moe_ntlb_top_k`).
+        importance: optional `[..., s]` float weights.
+        policy: `"argmax"`, `"input_jitter"` or `"input_dropout"`.
+        second_place_expert_prob, seed: as `switch_gating`.
+
+    Returns:
+        A `RoutingResult`; the expert load is measured on the first choices.
+
+    Example:
+    >>> logits = tf.constant([[[1.0, 0.0]] * 4])  # 4 tokens prefer expert 0
+    >>> r = ntlb_gating(logits, 2, k=2)  # 2 slots each: 2 tokens move to expert 1
+    >>> tf.reduce_sum(r.dispatch_tensor, axis=[1, 3]).numpy().tolist()
+    [[2.0, 2.0]]
+    """
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}.")
+    logits, raw_gates = _switch_logits(logits, policy, ("argmax", "input_jitter", "input_dropout"),
+                                       second_place_expert_prob, seed, min_experts=k)
+    top_gates, top_index = tf.math.top_k(raw_gates, k=k)  # [..., s, k]
+    choices = tf.one_hot(top_index, logits.shape[-1], dtype=tf.float32)  # [..., s, k, e]
+    choices, top_gates, proxy = _routed_only(importance, logits, choices, top_gates, raw_gates)
+    # Mesh-TF's density has the k axis too: the loss averages over all k choices.
+    aux_loss = _balance_loss(proxy[..., None, :, :], tf.einsum("...ske->...kse", choices))
+
+    queue = _BufferQueue(expert_capacity)
+    unrouted = tf.reduce_sum(choices[..., 0, :], axis=-1)  # [..., s]: 1 for routed tokens
+    for i in range(k):
+        kept = queue.push(choices[..., i, :] * unrouted[..., None], top_gates[..., i])
+        unrouted -= tf.reduce_sum(kept, axis=-1)
+    return _result(queue.sparse(), aux_loss, logits, importance, requested=choices[..., 0, :],
+                   expert_capacity=expert_capacity)
 
 
 def truncated_top_2_gating(logits, expert_capacity, *, importance=None):
