@@ -101,9 +101,40 @@ def test_every_n_batches(tmp_path):
     x, _ = _data()
     model = keras.Sequential([keras.Input((8, 8)), tf_moe.MoELayer(4, name="moe", seed=0),
                               keras.layers.Dense(1)])
-    _fit(model, [tf_moe.RouterTensorBoard(tmp_path, probe=x[:4], update_freq=2)], epochs=2)
+    _fit(model, [tf_moe.RouterTensorBoard(tmp_path, probe=x[:4], update_freq=2)], epochs=2,
+         validation=True)  # 36 training samples: 3 batches per epoch
     train = read_events(tmp_path / "train")
     assert [step for step, _, _ in train["moe/expert_load"]] == [2, 4, 6]
+    validation = read_events(tmp_path / "validation")  # once an epoch, at its last step
+    assert [step for step, _, _ in validation["moe/dropped"]] == [3, 6]
+
+
+def test_probe_goes_through_the_layers_before_the_moe_layer_of_a_sequential(tmp_path):
+    x, _ = _data()
+    model = keras.Sequential([keras.Input((8, 8)), keras.layers.Dense(8, name="before"),
+                              tf_moe.MoELayer(4, name="moe", seed=0), keras.layers.Dense(1)])
+    _fit(model, [tf_moe.RouterTensorBoard(tmp_path, probe=x[:8])], epochs=1)
+    load = read_events(tmp_path / "train")["moe/expert_load"][-1][2][:, 2]
+    routed = model.get_layer("moe").route(model.get_layer("before")(x[:8]))
+    np.testing.assert_allclose(load, routed["expert_load"], rtol=1e-5)
+
+
+def test_probe_is_routed_with_the_keras_mask(tmp_path):
+    tokens = np.random.default_rng(0).integers(1, 20, size=(48, 12))
+    tokens[:, 3:] = 0  # three real tokens per sequence, nine of padding
+    inputs = keras.Input((12,), dtype="int32")
+    hidden = keras.layers.Embedding(20, 8, mask_zero=True, name="embed")(inputs)
+    moe = tf_moe.MoELayer(4, name="moe", seed=0)
+    model = keras.Model(inputs, keras.layers.Dense(1)(moe(hidden)))
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    model.fit(tokens, np.zeros((48, 12, 1)), batch_size=16, epochs=1, verbose=0,
+              callbacks=[tf_moe.RouterTensorBoard(tmp_path, probe=tokens[:8])])
+    written = read_events(tmp_path / "train")["moe/probe_dropped"][-1][2]
+    embedded = model.get_layer("embed")(tokens[:8])
+    masked = moe.route(embedded, mask=tokens[:8] > 0)["dropped_fraction"]
+    unmasked = moe.route(embedded)["dropped_fraction"]
+    np.testing.assert_allclose(written, masked, rtol=1e-5)
+    assert float(masked) != float(unmasked)  # the padding would have crowded the buffers
 
 
 def test_hierarchical_and_nested_layers_in_a_functional_model(tmp_path):

@@ -277,8 +277,16 @@ def test_jit_compile_fit_and_predict(router):
     (dict(group_size=0), "group_size"),
     (dict(min_expert_capacity=0), "min_expert_capacity"),
     (dict(second_policy_train="sometimes"), "second_policy_train"),
-    (dict(router="switch", switch_policy_eval="noisy"), "policy_eval"),
-    (dict(router="expert_selection", switch_policy_train="sample"), "policy_train"),
+    (dict(router="switch", switch_policy_eval="noisy"), "switch_policy_eval"),
+    (dict(router="expert_selection", switch_policy_train="sample"), "switch_policy_train"),
+    (dict(router="switch", switch_jitter=-1.0), "switch_jitter"),
+    (dict(router="switch", switch_jitter=float("inf")), "switch_jitter must be a finite"),
+    (dict(router="switch", switch_temperature=float("nan")), "switch_temperature"),
+    (dict(router="top_n", top_n_num_experts_per_token=1), "top_n_num_experts_per_token"),
+    (dict(router="ntlb", ntlb_top_k=0), "ntlb_top_k"),
+    (dict(router="ntlb", num_experts=3), "num_experts"),  # fewer experts than ntlb_top_k=4
+    (dict(router="noisy_top_k", noisy_gating_k=0), "noisy_gating_k"),
+    (dict(output_dim=True), "output_dim"),
     (dict(loss_coef=-1.0), "loss_coef"),
     (dict(expert_hidden_dim=0), "expert_hidden_dim"),
     (dict(activation="no_such_activation"), "activation"),
@@ -301,6 +309,28 @@ def test_bad_inputs():
         layer(np.ones((2, 3, 6), "float32"), mask=np.ones((2, 4), bool))
     with pytest.raises(TypeError, match="experts"):
         tf_moe.MoELayer(experts="ffn")
+    # route() checks its inputs as call() does.
+    with pytest.raises(TypeError, match="floating point"):
+        layer.route(np.ones((2, 3, 6), "int32"))
+    with pytest.raises(ValueError, match="width 6"):
+        layer.route(np.ones((2, 3, 7), "float32"))
+    hierarchical = tf_moe.HierarchicalMoELayer(num_experts=(2, 2), expert_hidden_dim=8)
+    hierarchical(np.ones((2, 3, 6), "float32"))
+    with pytest.raises(ValueError, match="width 6"):
+        hierarchical.route(np.ones((2, 3, 7), "float32"))
+
+
+@pytest.mark.parametrize("experts", [
+    lambda: tf_moe.FeedForwardExperts(4, 8, output_dim=3),
+    lambda: keras.layers.Dense(3),  # any layer mapping [e, ..., m] to [e, ..., n]
+], ids=["feed_forward", "dense"])
+def test_custom_experts_set_the_output_width(experts):
+    layer = tf_moe.MoELayer(num_experts=4, experts=experts())
+    model = keras.Sequential([keras.Input((5, 6)), layer, keras.layers.Dense(2)])
+    x = np.random.default_rng(0).normal(size=(3, 5, 6)).astype("float32")
+    assert layer.compute_output_shape((None, 5, 6)) == (None, 5, 3)
+    assert layer(x).shape == (3, 5, 3)
+    assert model.predict(x, verbose=0).shape == (3, 5, 2)
 
 
 def test_import_fails_clearly_on_another_keras_backend():

@@ -212,23 +212,30 @@ class RouterTensorBoard(keras.callbacks.Callback):
         return self._layers
 
     def _layer_inputs(self):
-        """The probe as each MoE layer sees it now: a list of `[..., m]` tensors.
+        """The probe as each MoE layer sees it now: `(inputs [..., m], mask or None)` pairs.
 
         Recomputed at every write: the layers before an MoE layer train too.
+        The mask is the Keras mask that reaches the layer (padding from an
+        `Embedding(mask_zero=True)`, say), so the probe is routed as in `fit`.
         """
         layers = self._moe_layers()
         if self._extractor is None:
             try:
-                inputs = self.model.input  # the structure the model is called with
+                try:
+                    inputs = self.model.input  # the structure the model is called with
+                except AttributeError:  # a Sequential model only has the list `inputs`
+                    inputs = self.model.inputs
+                    inputs = inputs[0] if len(inputs) == 1 else inputs
                 self._extractor = keras.Model(inputs, [layer.input for layer in layers])
             except (AttributeError, ValueError, TypeError):
                 self._extractor = False  # subclassed model, or a layer called twice
         if self._extractor is False:
-            return [tf.convert_to_tensor(self.probe) for _ in layers]
+            return [(tf.convert_to_tensor(self.probe), None) for _ in layers]
         outputs = self._extractor(self.probe, training=False)
         if not isinstance(outputs, (list, tuple)):
             outputs = [outputs]
-        return [tf.convert_to_tensor(output) for output in outputs]
+        return [(tf.convert_to_tensor(output), getattr(output, "_keras_mask", None))
+                for output in outputs]
 
     # ------------------------------------------------------------ writing
 
@@ -241,9 +248,9 @@ class RouterTensorBoard(keras.callbacks.Callback):
         if self.probe is None:
             return
         with self._writer("train").as_default():
-            for layer, inputs in zip(self._moe_layers(), self._layer_inputs()):
+            for layer, (inputs, mask) in zip(self._moe_layers(), self._layer_inputs()):
                 try:
-                    routed = layer.route(inputs, training=self.probe_training)
+                    routed = layer.route(inputs, mask=mask, training=self.probe_training)
                 except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
                     raise ValueError(
                         f"RouterTensorBoard could not route the probe through layer "
@@ -275,15 +282,15 @@ class RouterTensorBoard(keras.callbacks.Callback):
                         value = (total - previous_total) / (count - previous_count)
                         write_scalar(f"{layer.name}/{key}", value, step)
 
-    def _write_epoch_logs(self, logs, epoch):
+    def _write_epoch_logs(self, logs, step, runs=(("train", ""), ("validation", "val_"))):
         """The `fit` logs of the layers' metrics: training and `val_` means of the epoch."""
         for layer in self._moe_layers():
             for key in layer._metric_trackers:
-                for run, prefix in (("train", ""), ("validation", "val_")):
+                for run, prefix in runs:
                     value = logs.get(f"{prefix}{layer.name}_{key}")
                     if value is not None:
                         with self._writer(run).as_default():
-                            write_scalar(f"{layer.name}/{key}", value, epoch)
+                            write_scalar(f"{layer.name}/{key}", value, step)
 
     def _step(self):
         optimizer = getattr(self.model, "optimizer", None)
@@ -314,6 +321,8 @@ class RouterTensorBoard(keras.callbacks.Callback):
         if self.update_freq == "epoch":
             self._write_epoch_logs(logs or {}, epoch)
             self._write_probe(epoch)
+        else:  # training metrics went out every N batches; validation runs once an epoch
+            self._write_epoch_logs(logs or {}, self._step(), runs=(("validation", "val_"),))
         for writer in self._writers.values():
             writer.flush()
 

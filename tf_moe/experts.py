@@ -111,7 +111,8 @@ class FeedForwardExperts(keras.layers.Layer):
         for name, value in (("num_experts", num_experts), ("hidden_dim", hidden_dim)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
-        if output_dim is not None and (not isinstance(output_dim, int) or output_dim < 1):
+        if output_dim is not None and (not isinstance(output_dim, int)
+                                       or isinstance(output_dim, bool) or output_dim < 1):
             raise ValueError(f"output_dim must be None or an int >= 1, got {output_dim!r}.")
         if not (isinstance(dropout_rate, (int, float)) and 0.0 <= dropout_rate < 1.0):
             raise ValueError(f"dropout_rate must be a float in [0, 1), got {dropout_rate!r}.")

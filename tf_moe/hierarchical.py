@@ -33,6 +33,7 @@ from tf_moe.layers import (
     _common_config,
     group_shape,
     group_tokens,
+    route_inputs,
     _set_common_arguments,
     ungroup_tokens,
 )
@@ -516,11 +517,7 @@ class HierarchicalMoELayer(_ThreadLocalLosses, keras.layers.Layer):
         >>> layer.route(tf.random.normal([2, 8, 16]))["gates"].shape
         TensorShape([2, 8, 2, 3])
         """
-        inputs = tf.convert_to_tensor(inputs)
-        if inputs.dtype.is_floating:
-            inputs = tf.cast(inputs, self.compute_dtype)
-        if not self.built:
-            self.build(inputs.shape)
+        inputs = route_inputs(self, inputs)
         r = self._route(inputs, mask, training)
         x, y = self.num_experts
         slot_gates = tf.reduce_sum(r["inner"].combine_tensor, axis=-1)  # [x, h, t, y]

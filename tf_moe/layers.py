@@ -2,6 +2,7 @@
 
 import collections
 import math
+import re
 import threading
 
 import keras
@@ -30,6 +31,8 @@ ROUTER_OPTIONS = {
     "truncated_top_2": {},
     "switch": _SWITCH_OPTIONS,
     "switch_max": _SWITCH_OPTIONS,
+    "ntlb": dict(_POLICY_OPTIONS, k="ntlb_top_k",
+                 use_second_place_expert_prob="use_second_place_expert_prob"),
     "expert_selection": _POLICY_OPTIONS,
     "noisy_top_k": dict(k="noisy_gating_k", noise_epsilon="noise_epsilon"),
 }
@@ -236,6 +239,25 @@ def _unless_all(finite, rows, fill):
                    lambda: tf.where(finite[:, None], rows, fill))
 
 
+def route_inputs(layer, inputs):
+    """`inputs` for a layer's `route`, checked as Keras checks `call`'s.
+
+    Float inputs are cast to the layer's compute dtype (others are left for
+    `group_tokens` to reject); the layer is built on first use, and after that
+    the last axis must be the width it was built for.
+    """
+    inputs = tf.convert_to_tensor(inputs)
+    if inputs.dtype.is_floating:
+        inputs = tf.cast(inputs, layer.compute_dtype)
+    if not layer.built:
+        layer.build(inputs.shape)
+    elif inputs.shape.rank is not None and inputs.shape[-1] not in (None, layer.input_dim):
+        raise ValueError(
+            f"{layer.name} was built for inputs of width {layer.input_dim} (last axis), got "
+            f"shape {inputs.shape}.")
+    return inputs
+
+
 def ungroup_tokens(grouped, num_tokens, inputs, finite):
     """`[g, s, k]` back to the leading shape of `inputs`: `[..., k]`.
 
@@ -345,10 +367,12 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
             arguments (see `Top2Router`).
         switch_policy_train, switch_policy_eval, switch_jitter, switch_dropout,
         switch_temperature, use_second_place_expert_prob: the switch,
-            switch-max and expert-selection routers' arguments (see
-            `SwitchRouter`; temperature and exploration are the switch
-            family's only).
+            switch-max, ntlb and expert-selection routers' arguments (see
+            `SwitchRouter`; the temperature is switch and switch-max's only,
+            exploration not expert selection's).
         top_n_num_experts_per_token: `n` of the top-n router.
+        ntlb_top_k: experts a token may try with the ntlb router (see
+            `NTLBRouter`).
         noisy_gating_k, noise_epsilon: `k` and `noise_epsilon` of the noisy
             top-k router (see `NoisyTopKRouter`).
         seed: int or None, seeds the router and expert dropout.
@@ -422,6 +446,7 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
         switch_temperature=1.0,
         use_second_place_expert_prob=None,
         top_n_num_experts_per_token=3,
+        ntlb_top_k=4,
         noisy_gating_k=2,
         noise_epsilon=1e-2,
         seed=None,
@@ -461,6 +486,7 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
             switch_temperature=switch_temperature,
             use_second_place_expert_prob=use_second_place_expert_prob,
             top_n_num_experts_per_token=top_n_num_experts_per_token,
+            ntlb_top_k=ntlb_top_k,
             noisy_gating_k=noisy_gating_k,
             noise_epsilon=noise_epsilon,
         )
@@ -494,9 +520,15 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
                 f"Unknown router {router!r}; accepted: {', '.join(map(repr, ROUTERS))} "
                 "or a tf_moe Router layer.")
         self._router_name = router
-        arguments = {key: options[option] for key, option in ROUTER_OPTIONS[router].items()}
-        return ROUTERS[router](self.num_experts, seed=self.seed, name=f"{self.name}_router",
-                               **arguments)
+        names = ROUTER_OPTIONS[router]
+        try:
+            return ROUTERS[router](self.num_experts, seed=self.seed, name=f"{self.name}_router",
+                                   **{key: options[option] for key, option in names.items()})
+        except ValueError as error:  # say it with the layer's argument names
+            message = str(error)
+            for key, option in names.items():
+                message = re.sub(rf"^(Unknown )?{key}\b", rf"\g<1>{option}", message)
+            raise ValueError(message) from None
 
     # ------------------------------------------------------------------ build
 
@@ -604,9 +636,7 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
         >>> layer.route(tf.random.normal([2, 8, 16]))["gates"].shape
         TensorShape([2, 8, 4])
         """
-        inputs = tf.convert_to_tensor(inputs, dtype=self.compute_dtype)
-        if not self.built:
-            self.build(inputs.shape)
+        inputs = route_inputs(self, inputs)
         grouped, result = self._route(inputs, mask, training)
         gates = (result.expert_gates if result.expert_gates is not None
                  else tf.reduce_sum(result.combine_tensor, axis=-1))  # [g, s, e]
@@ -615,7 +645,11 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
                     **result.metrics)
 
     def compute_output_shape(self, input_shape):
-        return tuple(input_shape[:-1]) + (self.output_dim or input_shape[-1],)
+        width = self.output_dim or input_shape[-1]
+        if self._custom_experts:  # [e, t, m] -> [e, t, n]: n is the experts' to say
+            width = self.experts.compute_output_shape(
+                (self.num_experts, None, input_shape[-1]))[-1]
+        return tuple(input_shape[:-1]) + (width,)
 
     def compute_mask(self, inputs, mask=None):
         return mask

@@ -7,6 +7,8 @@ Exploration noise (input jitter, input dropout) perturbs the router's own copy
 of the tokens only: the experts always receive the clean tokens.
 """
 
+import math
+
 import keras
 import tensorflow as tf
 
@@ -29,11 +31,18 @@ def _token_matmul(x, kernel):
 
 
 def _check_number(argument, value, low, *, inclusive=True, kind=(int, float)):
-    ok = isinstance(value, kind) and not isinstance(value, bool)
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value >= low if inclusive else value > low)
     if not ok:
         bound = f">= {low}" if inclusive else f"> {low}"
-        raise ValueError(f"{argument} must be a number {bound}, got {value!r}.")
+        raise ValueError(f"{argument} must be a finite number {bound}, got {value!r}.")
+
+
+def _check_exploration(probability):
+    if probability is not None and not (
+            isinstance(probability, (int, float)) and 0.0 <= probability <= 1.0):
+        raise ValueError("use_second_place_expert_prob must be None or a probability in "
+                         f"[0, 1], got {probability!r}.")
 
 
 class Router(keras.layers.Layer):
@@ -385,11 +394,7 @@ class SwitchRouter(_InputPolicyRouter):
                  use_second_place_expert_prob=None, **kwargs):
         super().__init__(num_experts, policy_train, policy_eval, jitter, dropout, **kwargs)
         _check_number("temperature", temperature, 0.0)
-        if use_second_place_expert_prob is not None and not (
-                isinstance(use_second_place_expert_prob, (int, float))
-                and 0.0 <= use_second_place_expert_prob <= 1.0):
-            raise ValueError("use_second_place_expert_prob must be None or a probability in "
-                             f"[0, 1], got {use_second_place_expert_prob!r}.")
+        _check_exploration(use_second_place_expert_prob)
         self.temperature = temperature
         self.use_second_place_expert_prob = use_second_place_expert_prob
 
@@ -428,6 +433,62 @@ class SwitchMaxRouter(SwitchRouter):
     """
 
     gating = staticmethod(routing.switch_max_gating)
+
+
+@keras.saving.register_keras_serializable(package="tf_moe")
+class NTLBRouter(_InputPolicyRouter):
+    """No-token-left-behind switch router (Mesh-TF `_ntlb_gating`).
+
+    A token goes to its best expert, or, when that expert's buffer is full,
+    to its next best with room, trying up to `k` experts (see
+    `tf_moe.routing.ntlb_gating`).
+
+    Args:
+        num_experts: `e >= k`, or `None` to take the owning layer's.
+        k: experts a token may try (Mesh-TF's `moe_ntlb_top_k`).
+        policy_train: `"input_jitter"` (Mesh-TF's default), `"input_dropout"`
+            or `"argmax"`.
+        policy_eval: the same at evaluation and inference.
+        jitter: relative width of the multiplicative input jitter.
+        dropout: rate of the input dropout (Mesh-TF's ntlb ignores it).
+        use_second_place_expert_prob: as `SwitchRouter`'s.
+        **kwargs: `Router` arguments (`kernel_initializer`, `seed`, ...).
+
+    Returns:
+        A `tf_moe.routing.RoutingResult` with `[g, s, e, c]` tensors (see
+        `Router`).
+
+    Example:
+    >>> layer = MoELayer(num_experts=8, router="ntlb", ntlb_top_k=2)
+    >>> layer(tf.zeros([2, 16, 8]), training=True).shape
+    TensorShape([2, 16, 8])
+    """
+
+    def __init__(self, num_experts=None, k=4, policy_train="input_jitter",
+                 policy_eval="input_jitter", jitter=1e-2, dropout=0.1,
+                 use_second_place_expert_prob=None, **kwargs):
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}.")
+        self.k = k
+        super().__init__(num_experts, policy_train, policy_eval, jitter, dropout, **kwargs)
+        _check_exploration(use_second_place_expert_prob)
+        self.use_second_place_expert_prob = use_second_place_expert_prob
+
+    @property
+    def min_experts(self):
+        return self.k
+
+    def route(self, logits, expert_capacity, importance, training):
+        return routing.ntlb_gating(
+            logits, expert_capacity, k=self.k, importance=importance,
+            policy=self.policy(training),
+            second_place_expert_prob=self.use_second_place_expert_prob if training else None,
+            seed=self.random_seed(training))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(k=self.k, use_second_place_expert_prob=self.use_second_place_expert_prob)
+        return config
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
@@ -548,6 +609,7 @@ ROUTERS = {
     "truncated_top_2": TruncatedTop2Router,
     "switch": SwitchRouter,
     "switch_max": SwitchMaxRouter,
+    "ntlb": NTLBRouter,
     "expert_selection": ExpertSelectionRouter,
     "noisy_top_k": NoisyTopKRouter,
 }
