@@ -228,7 +228,9 @@ def test_save_and_load_gives_identical_outputs(router, tmp_path):
 
 
 def test_router_instance_and_custom_experts_round_trip(tmp_path):
-    layer = tf_moe.MoELayer(num_experts=4, router=tf_moe.SwitchRouter(policy_train="sample"),
+    router = tf_moe.SwitchRouter(policy_train="sample", use_second_place_expert_prob=0.2,
+                                 use_second_place_expert_prob_temp=0.5)
+    layer = tf_moe.MoELayer(num_experts=4, router=router,
                             experts=tf_moe.FeedForwardExperts(4, 8, output_dim=2))
     model = keras.Sequential([keras.Input((5, 6)), layer])
     x = np.random.default_rng(0).normal(size=(3, 5, 6)).astype("float32")
@@ -284,6 +286,9 @@ def test_jit_compile_fit_and_predict(router):
     (dict(router="switch", switch_temperature=float("nan")), "switch_temperature"),
     (dict(router="top_n", top_n_num_experts_per_token=1), "top_n_num_experts_per_token"),
     (dict(router="ntlb", ntlb_top_k=0), "ntlb_top_k"),
+    (dict(router="ntlb", use_second_place_expert_prob_temp=-1.0),
+     "use_second_place_expert_prob_temp"),
+    (dict(router="switch", use_second_place_expert_prob=1.5), "use_second_place_expert_prob"),
     (dict(router="ntlb", num_experts=3), "num_experts"),  # fewer experts than ntlb_top_k=4
     (dict(router="noisy_top_k", noisy_gating_k=0), "noisy_gating_k"),
     (dict(output_dim=True), "output_dim"),

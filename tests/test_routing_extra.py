@@ -289,6 +289,27 @@ def test_ntlb_rejects_bad_arguments():
         routing.ntlb_gating(logits, 2, k=4)  # more choices than experts
 
 
+@pytest.mark.parametrize("fn", [routing.switch_gating, routing.switch_max_gating,
+                                lambda *a, **k: routing.ntlb_gating(*a, k=2, **k)],
+                         ids=["switch", "switch_max", "ntlb"])
+def test_second_place_temperature_samples_the_other_experts(fn):
+    rng = np.random.default_rng(1)
+    logits = np.tile(np.array([3.0, 1.0, 0.0, -1.0], np.float32), (1, 4000, 1))
+    logits += rng.normal(scale=1e-3, size=logits.shape).astype(np.float32)  # no exact ties
+    s = logits.shape[1]
+    r = fn(logits, s, second_place_expert_prob=1.0, second_place_temperature=1.0, seed=7)
+    assign = r.combine_tensor.numpy().sum(-1)[0]  # [s, e]
+    chosen = assign.argmax(-1)
+    assert not np.any(chosen == 0)  # never the top expert
+    np.testing.assert_allclose(assign.max(-1), 1.0, rtol=1e-6)  # every other logit masked
+    # Sampled from softmax([1, 0, -1]) of the others (Mesh-TF's sample_with_temperature).
+    expected = np.exp([1.0, 0.0, -1.0]) / np.exp([1.0, 0.0, -1.0]).sum()
+    counts = np.bincount(chosen, minlength=4)[1:] / s
+    np.testing.assert_allclose(counts, expected, atol=0.03)
+    greedy = fn(logits, s, second_place_expert_prob=1.0, second_place_temperature=0.0, seed=7)
+    assert np.all(greedy.combine_tensor.numpy().sum(-1)[0].argmax(-1) == 1)
+
+
 def test_switch_max_keeps_most_confident():
     for seed in SEEDS:
         logits, c, imp = make_case(seed, "mixed", tight=True)

@@ -33,7 +33,7 @@ from tf_moe.layers import (
     _common_config,
     group_shape,
     group_tokens,
-    route_inputs,
+    _route_inputs,
     _set_common_arguments,
     ungroup_tokens,
 )
@@ -517,7 +517,7 @@ class HierarchicalMoELayer(_ThreadLocalLosses, keras.layers.Layer):
         >>> layer.route(tf.random.normal([2, 8, 16]))["gates"].shape
         TensorShape([2, 8, 2, 3])
         """
-        inputs = route_inputs(self, inputs)
+        inputs = _route_inputs(self, inputs)
         r = self._route(inputs, mask, training)
         x, y = self.num_experts
         slot_gates = tf.reduce_sum(r["inner"].combine_tensor, axis=-1)  # [x, h, t, y]

@@ -23,16 +23,17 @@ _TOP_N_OPTIONS = dict(
     second_threshold_train="second_threshold_train",
     second_threshold_eval="second_threshold_eval",
     use_second_place_loss="use_second_place_loss")
-_SWITCH_OPTIONS = dict(_POLICY_OPTIONS, temperature="switch_temperature",
-                       use_second_place_expert_prob="use_second_place_expert_prob")
+_EXPLORATION_OPTIONS = dict(
+    _POLICY_OPTIONS, use_second_place_expert_prob="use_second_place_expert_prob",
+    use_second_place_expert_prob_temp="use_second_place_expert_prob_temp")
+_SWITCH_OPTIONS = dict(_EXPLORATION_OPTIONS, temperature="switch_temperature")
 ROUTER_OPTIONS = {
     "top_2": _TOP_N_OPTIONS,
     "top_n": dict(_TOP_N_OPTIONS, n="top_n_num_experts_per_token"),
     "truncated_top_2": {},
     "switch": _SWITCH_OPTIONS,
     "switch_max": _SWITCH_OPTIONS,
-    "ntlb": dict(_POLICY_OPTIONS, k="ntlb_top_k",
-                 use_second_place_expert_prob="use_second_place_expert_prob"),
+    "ntlb": dict(_EXPLORATION_OPTIONS, k="ntlb_top_k"),
     "expert_selection": _POLICY_OPTIONS,
     "noisy_top_k": dict(k="noisy_gating_k", noise_epsilon="noise_epsilon"),
 }
@@ -239,7 +240,7 @@ def _unless_all(finite, rows, fill):
                    lambda: tf.where(finite[:, None], rows, fill))
 
 
-def route_inputs(layer, inputs):
+def _route_inputs(layer, inputs):
     """`inputs` for a layer's `route`, checked as Keras checks `call`'s.
 
     Float inputs are cast to the layer's compute dtype (others are left for
@@ -366,10 +367,11 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
         second_threshold_eval, use_second_place_loss: the top-2 router's
             arguments (see `Top2Router`).
         switch_policy_train, switch_policy_eval, switch_jitter, switch_dropout,
-        switch_temperature, use_second_place_expert_prob: the switch,
-            switch-max, ntlb and expert-selection routers' arguments (see
-            `SwitchRouter`; the temperature is switch and switch-max's only,
-            exploration not expert selection's).
+        switch_temperature, use_second_place_expert_prob,
+        use_second_place_expert_prob_temp: the switch, switch-max, ntlb and
+            expert-selection routers' arguments (see `SwitchRouter`; the
+            temperature is switch and switch-max's only, exploration not
+            expert selection's).
         top_n_num_experts_per_token: `n` of the top-n router.
         ntlb_top_k: experts a token may try with the ntlb router (see
             `NTLBRouter`).
@@ -445,6 +447,7 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
         switch_dropout=0.1,
         switch_temperature=1.0,
         use_second_place_expert_prob=None,
+        use_second_place_expert_prob_temp=None,
         top_n_num_experts_per_token=3,
         ntlb_top_k=4,
         noisy_gating_k=2,
@@ -485,6 +488,7 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
             switch_dropout=switch_dropout,
             switch_temperature=switch_temperature,
             use_second_place_expert_prob=use_second_place_expert_prob,
+            use_second_place_expert_prob_temp=use_second_place_expert_prob_temp,
             top_n_num_experts_per_token=top_n_num_experts_per_token,
             ntlb_top_k=ntlb_top_k,
             noisy_gating_k=noisy_gating_k,
@@ -636,7 +640,7 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
         >>> layer.route(tf.random.normal([2, 8, 16]))["gates"].shape
         TensorShape([2, 8, 4])
         """
-        inputs = route_inputs(self, inputs)
+        inputs = _route_inputs(self, inputs)
         grouped, result = self._route(inputs, mask, training)
         gates = (result.expert_gates if result.expert_gates is not None
                  else tf.reduce_sum(result.combine_tensor, axis=-1))  # [g, s, e]

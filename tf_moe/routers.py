@@ -38,13 +38,6 @@ def _check_number(argument, value, low, *, inclusive=True, kind=(int, float)):
         raise ValueError(f"{argument} must be a finite number {bound}, got {value!r}.")
 
 
-def _check_exploration(probability):
-    if probability is not None and not (
-            isinstance(probability, (int, float)) and 0.0 <= probability <= 1.0):
-        raise ValueError("use_second_place_expert_prob must be None or a probability in "
-                         f"[0, 1], got {probability!r}.")
-
-
 class Router(keras.layers.Layer):
     """Base class of routers: a float32 kernel `[m, e]` and a routing rule.
 
@@ -357,8 +350,49 @@ class _InputPolicyRouter(Router):
         return config
 
 
+class _ExploringRouter(_InputPolicyRouter):
+    """An input-policy router with Mesh-TF's second-place exploration in training.
+
+    `use_second_place_expert_prob`: None, or the probability that a token's
+    top expert is masked out in training (Mesh-TF's
+    `moe_use_second_place_expert_prob`). `use_second_place_expert_prob_temp`:
+    None (the token takes its second best), or a temperature at which it
+    samples one of the other experts instead (Mesh-TF's
+    `moe_use_second_place_expert_prob_temp`); see `tf_moe.routing.switch_gating`.
+    """
+
+    def __init__(self, num_experts=None, policy_train="input_jitter",
+                 policy_eval="input_jitter", jitter=1e-2, dropout=0.1,
+                 use_second_place_expert_prob=None, use_second_place_expert_prob_temp=None,
+                 **kwargs):
+        super().__init__(num_experts, policy_train, policy_eval, jitter, dropout, **kwargs)
+        probability = use_second_place_expert_prob
+        if probability is not None and not (
+                isinstance(probability, (int, float)) and not isinstance(probability, bool)
+                and 0.0 <= probability <= 1.0):
+            raise ValueError("use_second_place_expert_prob must be None or a probability in "
+                             f"[0, 1], got {probability!r}.")
+        if use_second_place_expert_prob_temp is not None:
+            _check_number("use_second_place_expert_prob_temp", use_second_place_expert_prob_temp,
+                          0.0)
+        self.use_second_place_expert_prob = use_second_place_expert_prob
+        self.use_second_place_expert_prob_temp = use_second_place_expert_prob_temp
+
+    def exploration(self, training):
+        """The gating functions' exploration arguments: none outside training."""
+        return dict(
+            second_place_expert_prob=self.use_second_place_expert_prob if training else None,
+            second_place_temperature=self.use_second_place_expert_prob_temp)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(use_second_place_expert_prob=self.use_second_place_expert_prob,
+                      use_second_place_expert_prob_temp=self.use_second_place_expert_prob_temp)
+        return config
+
+
 @keras.saving.register_keras_serializable(package="tf_moe")
-class SwitchRouter(_InputPolicyRouter):
+class SwitchRouter(_ExploringRouter):
     """Switch (top-1) router (Mesh-TF `_switch_gating`, Switch Transformer).
 
     Args:
@@ -374,6 +408,10 @@ class SwitchRouter(_InputPolicyRouter):
         use_second_place_expert_prob: None, or the probability that a token
             goes to its second-best expert instead (exploration, training only;
             Mesh-TF's `moe_use_second_place_expert_prob`).
+        use_second_place_expert_prob_temp: None, or the temperature at which
+            an exploring token samples one of its other experts instead of
+            taking the second best (Mesh-TF's
+            `moe_use_second_place_expert_prob_temp`; its gate is then 1).
         **kwargs: `Router` arguments (`kernel_initializer`, `seed`, ...).
 
     Returns:
@@ -391,24 +429,23 @@ class SwitchRouter(_InputPolicyRouter):
 
     def __init__(self, num_experts=None, policy_train="input_jitter",
                  policy_eval="input_jitter", jitter=1e-2, dropout=0.1, temperature=1.0,
-                 use_second_place_expert_prob=None, **kwargs):
-        super().__init__(num_experts, policy_train, policy_eval, jitter, dropout, **kwargs)
+                 use_second_place_expert_prob=None, use_second_place_expert_prob_temp=None,
+                 **kwargs):
+        super().__init__(num_experts, policy_train, policy_eval, jitter, dropout,
+                         use_second_place_expert_prob, use_second_place_expert_prob_temp,
+                         **kwargs)
         _check_number("temperature", temperature, 0.0)
-        _check_exploration(use_second_place_expert_prob)
         self.temperature = temperature
-        self.use_second_place_expert_prob = use_second_place_expert_prob
 
     def route(self, logits, expert_capacity, importance, training):
         return self.gating(
             logits, expert_capacity, importance=importance, policy=self.policy(training),
-            temperature=self.temperature,
-            second_place_expert_prob=self.use_second_place_expert_prob if training else None,
-            seed=self.random_seed(training))
+            temperature=self.temperature, seed=self.random_seed(training),
+            **self.exploration(training))
 
     def get_config(self):
         config = super().get_config()
-        config.update(temperature=self.temperature,
-                      use_second_place_expert_prob=self.use_second_place_expert_prob)
+        config.update(temperature=self.temperature)
         return config
 
 
@@ -436,7 +473,7 @@ class SwitchMaxRouter(SwitchRouter):
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
-class NTLBRouter(_InputPolicyRouter):
+class NTLBRouter(_ExploringRouter):
     """No-token-left-behind switch router (Mesh-TF `_ntlb_gating`).
 
     A token goes to its best expert, or, when that expert's buffer is full,
@@ -451,7 +488,8 @@ class NTLBRouter(_InputPolicyRouter):
         policy_eval: the same at evaluation and inference.
         jitter: relative width of the multiplicative input jitter.
         dropout: rate of the input dropout (Mesh-TF's ntlb ignores it).
-        use_second_place_expert_prob: as `SwitchRouter`'s.
+        use_second_place_expert_prob, use_second_place_expert_prob_temp: as
+            `SwitchRouter`'s.
         **kwargs: `Router` arguments (`kernel_initializer`, `seed`, ...).
 
     Returns:
@@ -466,13 +504,14 @@ class NTLBRouter(_InputPolicyRouter):
 
     def __init__(self, num_experts=None, k=4, policy_train="input_jitter",
                  policy_eval="input_jitter", jitter=1e-2, dropout=0.1,
-                 use_second_place_expert_prob=None, **kwargs):
+                 use_second_place_expert_prob=None, use_second_place_expert_prob_temp=None,
+                 **kwargs):
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}.")
         self.k = k
-        super().__init__(num_experts, policy_train, policy_eval, jitter, dropout, **kwargs)
-        _check_exploration(use_second_place_expert_prob)
-        self.use_second_place_expert_prob = use_second_place_expert_prob
+        super().__init__(num_experts, policy_train, policy_eval, jitter, dropout,
+                         use_second_place_expert_prob, use_second_place_expert_prob_temp,
+                         **kwargs)
 
     @property
     def min_experts(self):
@@ -481,13 +520,12 @@ class NTLBRouter(_InputPolicyRouter):
     def route(self, logits, expert_capacity, importance, training):
         return routing.ntlb_gating(
             logits, expert_capacity, k=self.k, importance=importance,
-            policy=self.policy(training),
-            second_place_expert_prob=self.use_second_place_expert_prob if training else None,
-            seed=self.random_seed(training))
+            policy=self.policy(training), seed=self.random_seed(training),
+            **self.exploration(training))
 
     def get_config(self):
         config = super().get_config()
-        config.update(k=self.k, use_second_place_expert_prob=self.use_second_place_expert_prob)
+        config.update(k=self.k)
         return config
 
 

@@ -363,6 +363,7 @@ def switch_gating(
     policy="argmax",
     temperature=1.0,
     second_place_expert_prob=None,
+    second_place_temperature=None,
     seed=None,
 ):
     """Switch (top-1) gating of Mesh-TF's `_switch_gating`.
@@ -378,7 +379,10 @@ def switch_gating(
     before the softmax, as Mesh-TF: it goes to its second-best expert (or,
     with `"sample"`, to one sampled from the others) with gate
     `p_2 / (1 - p_1)`, and the balance loss, z-loss and metrics see the
-    masked logits.
+    masked logits. With `second_place_temperature` (Mesh-TF's
+    `moe_use_second_place_expert_prob_temp`) the exploring token instead
+    samples one of the other experts from their softmax at that temperature
+    and every other logit is masked too, so its gate is 1.
 
     Only tokens with importance 1 are routed (as Mesh-TF). Departure from
     Mesh-TF: how tokens with importance 0 (padding) would route does not move
@@ -396,6 +400,7 @@ def switch_gating(
             `"input_dropout"`.
         temperature: float >= 0 for `"sample"`.
         second_place_expert_prob: None or a probability in [0, 1].
+        second_place_temperature: None or a float >= 0, see above.
         seed: `None`, an int, or a `keras.random.SeedGenerator`.
 
     Returns:
@@ -407,7 +412,8 @@ def switch_gating(
     1.0
     """
     return _switch(logits, expert_capacity, importance, policy, temperature,
-                   second_place_expert_prob, seed, batch_prioritized=False)
+                   (second_place_expert_prob, second_place_temperature), seed,
+                   batch_prioritized=False)
 
 
 def switch_max_gating(
@@ -418,6 +424,7 @@ def switch_max_gating(
     policy="argmax",
     temperature=1.0,
     second_place_expert_prob=None,
+    second_place_temperature=None,
     seed=None,
 ):
     """Switch gating with batch-prioritised routing (Mesh-TF `_switch_max_gating`).
@@ -430,8 +437,8 @@ def switch_max_gating(
     Args:
         logits: `[..., s, e]` router logits.
         expert_capacity: `c`, int with `1 <= c <= s` (or a scalar int tensor).
-        importance, policy, temperature, second_place_expert_prob, seed: as
-            `switch_gating`.
+        importance, policy, temperature, second_place_expert_prob,
+        second_place_temperature, seed: as `switch_gating`.
 
     Returns:
         A `RoutingResult`.
@@ -442,24 +449,49 @@ def switch_max_gating(
     2.0
     """
     return _switch(logits, expert_capacity, importance, policy, temperature,
-                   second_place_expert_prob, seed, batch_prioritized=True)
+                   (second_place_expert_prob, second_place_temperature), seed,
+                   batch_prioritized=True)
 
 
-def _switch_logits(logits, policy, policies, second_place_expert_prob, seed, min_experts=1):
-    """Float32 logits after Mesh-TF's exploration, and their softmax `[..., s, e]`."""
+def _switch_logits(logits, policy, policies, exploration, seed, min_experts=1):
+    """Float32 logits after Mesh-TF's exploration, and their softmax `[..., s, e]`.
+
+    `exploration`: `(probability, temperature)`, `switch_gating`'s
+    `second_place_expert_prob` and `second_place_temperature`.
+    """
     logits = _float32_logits(logits, min_experts)
     _check_choice("policy", policy, policies)
-    if second_place_expert_prob is not None and not 0.0 <= second_place_expert_prob <= 1.0:
+    probability, temperature = exploration
+    if probability is not None and not 0.0 <= probability <= 1.0:
         raise ValueError(
-            f"second_place_expert_prob must be None or in [0, 1], got {second_place_expert_prob!r}.")
-    if second_place_expert_prob:
+            f"second_place_expert_prob must be None or in [0, 1], got {probability!r}.")
+    if temperature is not None and not temperature >= 0:
+        raise ValueError(
+            f"second_place_temperature must be None or >= 0, got {temperature!r}.")
+    if probability:
         # Mesh-TF's `_stochastically_use_non_top_expert`: an exploring token's top
         # logit gets -1e9, so everything after (choice, gate, losses, metrics)
-        # sees the other experts only.
+        # sees the other experts only; with a temperature, every logit but one
+        # sampled from the others gets -1e9 too.
         top, _ = _top_1(logits)
-        explore = _uniform(tf.shape(logits)[:-1], seed, salt=1) < second_place_expert_prob
-        logits = tf.where(explore[..., None], logits - 1e9 * top, logits)
+        explore = _uniform(tf.shape(logits)[:-1], seed, salt=1) < probability
+        others = logits - 1e9 * top
+        if temperature is not None:
+            sampled, _ = _top_1(_sample_scores(others, temperature, seed, salt=2))
+            others += (1.0 - sampled) * -1e9
+        logits = tf.where(explore[..., None], others, logits)
     return logits, tf.nn.softmax(logits, axis=-1)
+
+
+def _sample_scores(logits, temperature, seed, salt=0):
+    """Scores whose argmax samples `softmax(logits / temperature)` (Gumbel trick).
+
+    As Mesh-TF's `sample_with_temperature`; temperature 0 is argmax.
+    """
+    if temperature == 0:
+        return logits
+    u = _uniform(tf.shape(logits), seed, minval=_EPSILON, salt=salt)
+    return logits - temperature * tf.math.log(-tf.math.log(u))
 
 
 def _routed_only(importance, logits, *tensors):
@@ -472,15 +504,13 @@ def _routed_only(importance, logits, *tensors):
                  for t in tensors)
 
 
-def _switch(logits, expert_capacity, importance, policy, temperature,
-            second_place_expert_prob, seed, batch_prioritized):
+def _switch(logits, expert_capacity, importance, policy, temperature, exploration, seed,
+            batch_prioritized):
     if not isinstance(temperature, (int, float)) or temperature < 0:
         raise ValueError(f"temperature must be a number >= 0, got {temperature!r}.")
-    logits, raw_gates = _switch_logits(logits, policy, SWITCH_POLICIES,
-                                       second_place_expert_prob, seed)
+    logits, raw_gates = _switch_logits(logits, policy, SWITCH_POLICIES, exploration, seed)
     if policy == "sample" and temperature > 0:
-        u = _uniform(tf.shape(logits), seed, minval=_EPSILON)
-        choice_scores = logits - temperature * tf.math.log(-tf.math.log(u))
+        choice_scores = _sample_scores(logits, temperature, seed)
     else:
         choice_scores = raw_gates
     mask, _ = _top_1(choice_scores)
@@ -507,6 +537,7 @@ def ntlb_gating(
     importance=None,
     policy="argmax",
     second_place_expert_prob=None,
+    second_place_temperature=None,
     seed=None,
 ):
     """No-token-left-behind switch gating (Mesh-TF `_ntlb_gating`).
@@ -528,7 +559,8 @@ def ntlb_gating(
         k: choices a token may try, an int >= 1 (Mesh-TF's `moe_ntlb_top_k`).
         importance: optional `[..., s]` float weights.
         policy: `"argmax"`, `"input_jitter"` or `"input_dropout"`.
-        second_place_expert_prob, seed: as `switch_gating`.
+        second_place_expert_prob, second_place_temperature, seed: as
+            `switch_gating`.
 
     Returns:
         A `RoutingResult`; the expert load is measured on the first choices.
@@ -541,8 +573,9 @@ def ntlb_gating(
     """
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}.")
-    logits, raw_gates = _switch_logits(logits, policy, ("argmax", "input_jitter", "input_dropout"),
-                                       second_place_expert_prob, seed, min_experts=k)
+    logits, raw_gates = _switch_logits(
+        logits, policy, ("argmax", "input_jitter", "input_dropout"),
+        (second_place_expert_prob, second_place_temperature), seed, min_experts=k)
     top_gates, top_index = tf.math.top_k(raw_gates, k=k)  # [..., s, k]
     choices = tf.one_hot(top_index, logits.shape[-1], dtype=tf.float32)  # [..., s, k, e]
     choices, top_gates, proxy = _routed_only(importance, logits, choices, top_gates, raw_gates)
