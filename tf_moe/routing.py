@@ -552,6 +552,8 @@ def ntlb_gating(
     the router layer's; here they route like `"argmax"` (Mesh-TF's ntlb
     ignores input dropout). Only tokens with importance 1 are routed, and
     padding moves neither the density nor the proxy (as `switch_gating`).
+    Departure: a choice whose gate is 0 (with exploration, the masked top
+    expert) is not queued; Mesh-TF gives it a slot that stays empty.
 
     Args:
         logits: `[..., s, e]` router logits, `e >= k`.
@@ -585,7 +587,9 @@ def ntlb_gating(
     queue = _BufferQueue(expert_capacity)
     unrouted = tf.reduce_sum(choices[..., 0, :], axis=-1)  # [..., s]: 1 for routed tokens
     for i in range(k):
-        kept = queue.push(choices[..., i, :] * unrouted[..., None], top_gates[..., i])
+        # A choice of gate 0 (an exploring token's masked top expert) is not queued.
+        offered = unrouted * tf.cast(top_gates[..., i] > 0.0, tf.float32)
+        kept = queue.push(choices[..., i, :] * offered[..., None], top_gates[..., i])
         unrouted -= tf.reduce_sum(kept, axis=-1)
     return _result(queue.sparse(), aux_loss, logits, importance, requested=choices[..., 0, :],
                    expert_capacity=expert_capacity)
