@@ -1,5 +1,6 @@
 """MoELayer in Keras: numbers against NumPy, masks, losses, metrics, fit, saving."""
 
+import json
 import os
 import subprocess
 import sys
@@ -300,6 +301,26 @@ def test_jit_compile_fit_and_predict(router):
 def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tf_moe.MoELayer(**kwargs)
+
+
+def test_numpy_scalar_arguments_are_numbers():
+    """As Keras layers, tf_moe takes `np.int64(8)` or `np.float32(1.25)` (from a sweep, say)."""
+    x = np.random.default_rng(0).normal(size=(2, 8, 6)).astype("float32")
+    numpy_args = dict(num_experts=np.int64(4), expert_hidden_dim=np.int32(8),
+                      capacity_factor_train=np.float32(1.5), group_size=np.int64(8),
+                      seed=np.int64(3), router="ntlb", ntlb_top_k=np.int64(2),
+                      switch_jitter=np.float64(0.02))
+    python_args = {key: value.item() if isinstance(value, np.generic) else value
+                   for key, value in numpy_args.items()}
+    with_numpy, with_python = tf_moe.MoELayer(**numpy_args), tf_moe.MoELayer(**python_args)
+    config = with_numpy.get_config()
+    assert json.loads(json.dumps(config)) == config  # JSON-clean, Python numbers
+    assert config == {**with_python.get_config(), "name": config["name"]}
+    np.testing.assert_array_equal(with_numpy(x, training=True), with_python(x, training=True))
+    assert tf_moe.HierarchicalMoELayer(num_experts=(np.int64(2), np.int64(3))).num_experts == (2, 3)
+    assert type(tf_moe.SwitchRouter(jitter=np.float32(0.5)).jitter) is float
+    with pytest.raises(ValueError, match="num_experts"):
+        tf_moe.MoELayer(num_experts=np.int64(0))
 
 
 def test_bad_inputs():

@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from tf_moe import dispatch, seeding
+from tf_moe import dispatch, routing, seeding
 
 
 _TRUNCATED_NORMAL_STDDEV = 0.87962566103423978  # std of a unit normal truncated at 2
@@ -105,6 +105,7 @@ class FeedForwardExperts(keras.layers.Layer):
     TensorShape([4, 2, 8, 16])
     """
 
+    @routing._python_numbers
     def __init__(self, num_experts, hidden_dim, activation="relu", output_dim=None,
                  dropout_rate=0.0, kernel_initializer=None, seed=None, **kwargs):
         super().__init__(**kwargs)

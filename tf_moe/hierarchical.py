@@ -226,6 +226,7 @@ class HierarchicalMoELayer(_ThreadLocalLosses, keras.layers.Layer):
     TensorShape([2, 64, 10])
     """
 
+    @routing._python_numbers
     def __init__(
         self,
         num_experts=(4, 4),

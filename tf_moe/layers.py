@@ -421,6 +421,7 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
     TensorShape([2, 64, 10])
     """
 
+    @routing._python_numbers
     def __init__(
         self,
         num_experts=16,

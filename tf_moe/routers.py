@@ -79,6 +79,12 @@ class Router(keras.layers.Layer):
 
     min_experts = 1
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:  # every router takes NumPy scalars as numbers
+            cls.__init__ = routing._python_numbers(cls.__dict__["__init__"])
+
+    @routing._python_numbers
     def __init__(self, num_experts=None, *, kernel_initializer=None, seed=None, **kwargs):
         kwargs.pop("dtype", None)
         super().__init__(dtype="float32", **kwargs)

@@ -20,9 +20,12 @@ choices queue behind every first choice of the group; a token whose position is
 the docstring of the function says so.
 """
 
+import functools
+import inspect
 from typing import NamedTuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tf_moe import seeding
@@ -1064,6 +1067,30 @@ def _importance_weight(importance, logits, predicate):
             f"{logits.shape[:-1]}, got {importance.shape}."
         )
     return tf.cast(predicate(importance), tf.float32)
+
+
+def _python_numbers(init):
+    """Wraps a layer's `__init__` so NumPy scalar arguments arrive as Python numbers.
+
+    Keras layers take `np.int64(8)` or `np.float32(1.25)` (from a NumPy sweep,
+    say); tf_moe checks its arguments as Python numbers and keeps them in
+    `get_config`, which must stay JSON-clean. Tuples and lists of scalars
+    (`num_experts=(x, y)`) are converted too.
+    """
+
+    def plain(value):
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, (tuple, list)) and any(isinstance(v, np.generic) for v in value):
+            return type(value)(plain(v) for v in value)
+        return value
+
+    @functools.wraps(init)
+    def wrapped(self, *args, **kwargs):
+        return init(self, *map(plain, args), **{key: plain(v) for key, v in kwargs.items()})
+
+    wrapped.__signature__ = inspect.signature(init)  # Keras reads the argspec of __init__
+    return wrapped
 
 
 def _check_choice(argument, value, accepted):
