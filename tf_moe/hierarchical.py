@@ -32,7 +32,7 @@ from tf_moe.layers import (
     _check_positive,
     _common_config,
     group_shape,
-    group_tokens,
+    _group_layer_inputs,
     _route_inputs,
     _set_common_arguments,
     ungroup_tokens,
@@ -327,16 +327,6 @@ class HierarchicalMoELayer(_ThreadLocalLosses, keras.layers.Layer):
 
     # ------------------------------------------------------------------- call
 
-    def _group(self, inputs, mask):
-        """`group_tokens` with this layer's width check: a `Grouped` tuple."""
-        model_dim = inputs.shape[-1]
-        if model_dim is None or (getattr(self, "input_dim", None) is not None
-                                 and model_dim != self.input_dim):
-            raise ValueError(
-                f"HierarchicalMoELayer inputs must have width (last axis) "
-                f"{getattr(self, 'input_dim', None)}, got shape {inputs.shape}.")
-        return group_tokens(inputs, mask, self.group_size, "HierarchicalMoELayer")
-
     def _regroup(self, buffers, num_slots, inner_groups, inner_group_size):
         """`[x, g, c, k]` -> `[x, g*c, k]` -> `[x, h, t, k]`, padding with zeros."""
         x = self.num_experts[0]
@@ -355,7 +345,8 @@ class HierarchicalMoELayer(_ThreadLocalLosses, keras.layers.Layer):
 
     def _route(self, inputs, mask, training):
         """Both levels of routing; everything `call` and `route` need."""
-        tokens, importance, num_tokens, groups, group_size, finite = self._group(inputs, mask)
+        tokens, importance, num_tokens, groups, group_size, finite = _group_layer_inputs(
+            self, inputs, mask)
         x, y = self.num_experts
         factor = self.capacity_factor_train if training else self.capacity_factor_eval
         capacity = routing.expert_capacity(group_size, x, factor, self.min_expert_capacity)

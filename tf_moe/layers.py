@@ -241,22 +241,31 @@ def _unless_all(finite, rows, fill):
 
 
 def _route_inputs(layer, inputs):
-    """`inputs` for a layer's `route`, checked as Keras checks `call`'s.
+    """`inputs` for a layer's `route`, as Keras prepares `call`'s.
 
     Float inputs are cast to the layer's compute dtype (others are left for
-    `group_tokens` to reject); the layer is built on first use, and after that
-    the last axis must be the width it was built for.
+    `group_tokens` to reject), and the layer is built on first use.
     """
     inputs = tf.convert_to_tensor(inputs)
     if inputs.dtype.is_floating:
         inputs = tf.cast(inputs, layer.compute_dtype)
     if not layer.built:
         layer.build(inputs.shape)
-    elif inputs.shape.rank is not None and inputs.shape[-1] not in (None, layer.input_dim):
-        raise ValueError(
-            f"{layer.name} was built for inputs of width {layer.input_dim} (last axis), got "
-            f"shape {inputs.shape}.")
     return inputs
+
+
+def _group_layer_inputs(layer, inputs, mask):
+    """`group_tokens` for a built layer, after checking the width it was built for.
+
+    Both layers' `call` and `route` group through here, so a wrong width gets
+    one error naming the layer, not a reshape failure inside the router.
+    """
+    name = type(layer).__name__
+    width = inputs.shape[-1]
+    if width is None or width != layer.input_dim:
+        raise ValueError(f"{name} inputs must have width {layer.input_dim} (last axis), got "
+                         f"shape {inputs.shape}.")
+    return group_tokens(inputs, mask, layer.group_size, name)
 
 
 def ungroup_tokens(grouped, num_tokens, inputs, finite):
@@ -564,7 +573,7 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
     # ------------------------------------------------------------------- call
 
     def _route(self, inputs, mask, training):
-        grouped = group_tokens(inputs, mask, self.group_size)
+        grouped = _group_layer_inputs(self, inputs, mask)
         factor = self.capacity_factor_train if training else self.capacity_factor_eval
         capacity = routing.expert_capacity(
             grouped.group_size, self.num_experts, factor, self.min_expert_capacity)
