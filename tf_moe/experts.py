@@ -109,12 +109,9 @@ class FeedForwardExperts(keras.layers.Layer):
     def __init__(self, num_experts, hidden_dim, activation="relu", output_dim=None,
                  dropout_rate=0.0, kernel_initializer=None, seed=None, **kwargs):
         super().__init__(**kwargs)
-        for name, value in (("num_experts", num_experts), ("hidden_dim", hidden_dim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
-        if output_dim is not None and (not isinstance(output_dim, int)
-                                       or isinstance(output_dim, bool) or output_dim < 1):
-            raise ValueError(f"output_dim must be None or an int >= 1, got {output_dim!r}.")
+        routing._check_int("num_experts", num_experts, 1)
+        routing._check_int("hidden_dim", hidden_dim, 1)
+        routing._check_int("output_dim", output_dim, 1, allow_none=True)
         if not (isinstance(dropout_rate, (int, float)) and 0.0 <= dropout_rate < 1.0):
             raise ValueError(f"dropout_rate must be a float in [0, 1), got {dropout_rate!r}.")
         self.num_experts = num_experts

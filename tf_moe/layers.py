@@ -14,6 +14,7 @@ from tf_moe import routing
 from tf_moe import distribute
 from tf_moe.experts import FeedForwardExperts, serialize_activation
 from tf_moe.routers import ROUTERS, Router
+from tf_moe.routing import _check_int
 
 # For each router name, which MoELayer arguments become which router arguments.
 _POLICY_OPTIONS = dict(policy_train="switch_policy_train", policy_eval="switch_policy_eval",
@@ -40,14 +41,6 @@ ROUTER_OPTIONS = {
 
 # Names of the router metrics a MoE layer reports (prefixed by the layer name).
 METRICS = ("balance_loss", "z_loss", "dropped", "max_load")
-
-
-def _check_int(argument, value, low, allow_none=False):
-    if allow_none and value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        extra = "None or " if allow_none else ""
-        raise ValueError(f"{argument} must be {extra}an int >= {low}, got {value!r}.")
 
 
 def _check_positive(argument, value, allow_zero=False, allow_none=False):

@@ -196,8 +196,7 @@ class TopNRouter(Router):
         use_second_place_loss=False,
         **kwargs,
     ):
-        if not isinstance(n, int) or isinstance(n, bool) or n < 2:
-            raise ValueError(f"n must be an int >= 2, got {n!r}.")
+        routing._check_int("n", n, 2)
         self.n = n
         super().__init__(num_experts, **kwargs)
         for name, policy in (("second_policy_train", second_policy_train),
@@ -512,8 +511,7 @@ class NTLBRouter(_ExploringRouter):
                  policy_eval="input_jitter", jitter=1e-2, dropout=0.1,
                  use_second_place_expert_prob=None, use_second_place_expert_prob_temp=None,
                  **kwargs):
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k must be an int >= 1, got {k!r}.")
+        routing._check_int("k", k, 1)
         self.k = k
         super().__init__(num_experts, policy_train, policy_eval, jitter, dropout,
                          use_second_place_expert_prob, use_second_place_expert_prob_temp,
@@ -610,8 +608,7 @@ class NoisyTopKRouter(Router):
 
     def __init__(self, num_experts=None, k=2, noise_epsilon=1e-2, noisy_gating=True,
                  kernel_initializer="zeros", **kwargs):
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k must be an int >= 1, got {k!r}.")
+        routing._check_int("k", k, 1)
         self.k = k
         super().__init__(num_experts, kernel_initializer=kernel_initializer, **kwargs)
         _check_number("noise_epsilon", noise_epsilon, 0.0)

@@ -312,8 +312,7 @@ def top_n_gating(
     >>> float(tf.reduce_max(tf.reduce_sum(r.dispatch_tensor, axis=[-2, -1])))
     3.0
     """
-    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
-        raise ValueError(f"n must be an int >= 2, got {n!r}.")
+    _check_int("n", n, 2)
     logits = _float32_logits(logits, min_experts=n)
     _check_choice("second_policy", second_policy, SECOND_POLICIES)
     raw_gates = tf.nn.softmax(logits, axis=-1)
@@ -576,8 +575,7 @@ def ntlb_gating(
     >>> tf.reduce_sum(r.dispatch_tensor, axis=[1, 3]).numpy().tolist()
     [[2.0, 2.0]]
     """
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}.")
+    _check_int("k", k, 1)
     logits, raw_gates = _switch_logits(
         logits, policy, ("argmax", "input_jitter", "input_dropout"),
         (second_place_expert_prob, second_place_temperature), seed, min_experts=k)
@@ -1091,6 +1089,14 @@ def _python_numbers(init):
 
     wrapped.__signature__ = inspect.signature(init)  # Keras reads the argspec of __init__
     return wrapped
+
+
+def _check_int(argument, value, low, allow_none=False):
+    if allow_none and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        extra = "None or " if allow_none else ""
+        raise ValueError(f"{argument} must be {extra}an int >= {low}, got {value!r}.")
 
 
 def _check_choice(argument, value, accepted):
