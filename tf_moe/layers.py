@@ -248,15 +248,15 @@ def _route_inputs(layer, inputs):
 
 
 def _group_layer_inputs(layer, inputs, mask):
-    """`group_tokens` for a built layer, after checking the width it was built for.
+    """`group_tokens` after checking the width the layer was built for (if built).
 
     Both layers' `call` and `route` group through here, so a wrong width gets
     one error naming the layer, not a reshape failure inside the router.
     """
     name = type(layer).__name__
-    width = inputs.shape[-1]
-    if width is None or width != layer.input_dim:
-        raise ValueError(f"{name} inputs must have width {layer.input_dim} (last axis), got "
+    width, expected = inputs.shape[-1], getattr(layer, "input_dim", None)
+    if width is None or (expected is not None and width != expected):
+        raise ValueError(f"{name} inputs must have width {expected} (last axis), got "
                          f"shape {inputs.shape}.")
     return group_tokens(inputs, mask, layer.group_size, name)
 
