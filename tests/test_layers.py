@@ -303,6 +303,41 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
         tf_moe.MoELayer(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(switch_policy_train="input_jiter"), r"Unknown switch_policy_train 'input_jiter'.*"
+                                              r"not by router='top_2'"),
+    (dict(router="expert_selection", use_second_place_expert_prob=1.5),
+     "use_second_place_expert_prob must be .* read by the switch, switch_max, ntlb routers"),
+    (dict(router="switch", second_threshold_train=-0.5), "second_threshold_train"),
+    (dict(router="top_2", switch_temperature=float("nan")), "switch_temperature"),
+    (dict(router="top_2", ntlb_top_k=0), "ntlb_top_k must be an int >= 1"),
+    (dict(router="switch", top_n_num_experts_per_token=1), "top_n_num_experts_per_token"),
+    (dict(router="top_2", noisy_gating_k=0), "noisy_gating_k"),
+    (dict(router="switch_max", noise_epsilon=-1.0), "noise_epsilon"),
+    (dict(router=tf_moe.Top2Router(), switch_jitter=-1.0), "switch_jitter.* not by Top2Router"),
+])
+def test_arguments_the_chosen_router_ignores_are_still_checked(kwargs, match):
+    """Nothing is silently dropped: a typo in another router's argument is reported."""
+    with pytest.raises(ValueError, match=match):
+        tf_moe.MoELayer(num_experts=4, **kwargs)
+
+
+def test_arguments_the_chosen_router_ignores_may_be_any_readers_value():
+    """A value valid for some router that reads the argument passes (switch samples, ES does not)."""
+    layer = tf_moe.MoELayer(num_experts=4, router="expert_selection",
+                            switch_policy_train="input_dropout", switch_temperature=0.5,
+                            use_second_place_expert_prob=0.1, ntlb_top_k=3,
+                            second_policy_train="all", noisy_gating_k=3)
+    assert layer.router_options["switch_temperature"] == 0.5  # kept for get_config
+    with pytest.raises(ValueError, match="switch_policy_train"):  # sampling: switch's only
+        tf_moe.MoELayer(num_experts=4, router="expert_selection", switch_policy_train="sample")
+    tf_moe.MoELayer(num_experts=4, router="top_2", switch_policy_train="sample")
+    number = lambda name: int(name.rpartition("_")[2]) if name[-1].isdigit() else 0  # noqa: E731
+    before = number(tf_moe.SwitchRouter().name)  # checking creates no auto-named routers
+    tf_moe.MoELayer(num_experts=4, switch_jitter=0.5, ntlb_top_k=2)
+    assert number(tf_moe.SwitchRouter().name) == before + 1
+
+
 def test_numpy_scalar_arguments_are_numbers():
     """As Keras layers, tf_moe takes `np.int64(8)` or `np.float32(1.25)` (from a sweep, say)."""
     x = np.random.default_rng(0).normal(size=(2, 8, 6)).astype("float32")

@@ -1,6 +1,7 @@
 """The mixture-of-experts Keras layer."""
 
 import collections
+import inspect
 import math
 import re
 import threading
@@ -41,6 +42,19 @@ ROUTER_OPTIONS = {
 
 # Names of the router metrics a MoE layer reports (prefixed by the layer name).
 METRICS = ("balance_loss", "z_loss", "dropped", "max_load")
+
+
+def _in_layer_terms(error, names):
+    """A router's error message with its argument names as the layer's (`jitter` -> `switch_jitter`)."""
+    message = str(error)
+    for key, option in names.items():
+        message = re.sub(rf"^(Unknown )?{key}\b", rf"\g<1>{option}", message)
+    return message
+
+
+def _same(value, default):
+    """`value == default` without numbers and booleans mixing (`1 == True`)."""
+    return type(value) is type(default) and value == default
 
 
 def _check_positive(argument, value, allow_zero=False, allow_none=False):
@@ -350,9 +364,10 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
         num_experts: `e`, int >= 1 (>= 2 for top-2).
         expert_hidden_dim: `h` of each expert; default `4 * m`.
         router: a name: `"top_2"`, `"top_n"`, `"truncated_top_2"`,
-            `"switch"`, `"switch_max"`, `"expert_selection"`,
-            `"noisy_top_k"`; or a `Router` layer (the router arguments below
-            are then ignored).
+            `"switch"`, `"switch_max"`, `"ntlb"`, `"expert_selection"`,
+            `"noisy_top_k"`; or a `Router` layer. The router arguments below
+            that the chosen router does not read are unused, but a value that
+            no router would accept is still an error.
         group_size: largest number of tokens routed together.
         capacity_factor_train: capacity factor in training.
         capacity_factor_eval: capacity factor in evaluation and inference.
@@ -498,6 +513,7 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
             noise_epsilon=noise_epsilon,
         )
         self.router = self._make_router(router)
+        self._check_unused_router_options(self._router_name)
         if experts is not None and not isinstance(experts, keras.layers.Layer):
             raise TypeError(f"experts must be a Keras layer or None, got {type(experts).__name__}.")
         self.experts = experts
@@ -531,11 +547,37 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
         try:
             return ROUTERS[router](self.num_experts, seed=self.seed, name=f"{self.name}_router",
                                    **{key: options[option] for key, option in names.items()})
-        except ValueError as error:  # say it with the layer's argument names
-            message = str(error)
-            for key, option in names.items():
-                message = re.sub(rf"^(Unknown )?{key}\b", rf"\g<1>{option}", message)
-            raise ValueError(message) from None
+        except ValueError as error:
+            raise ValueError(_in_layer_terms(error, names)) from None
+
+    def _check_unused_router_options(self, router):
+        """Router arguments that `router` ignores must still be valid for a router that reads them.
+
+        Nothing is silently dropped: `MoELayer(router="top_2",
+        switch_policy_train="input_jiter")` is a typo to report although top-2
+        never reads it. A value passes when some router that reads the
+        argument accepts it (its other arguments at their defaults), so
+        `switch_policy_train="sample"` (switch's, not expert selection's) does.
+        Only values other than the default are checked.
+        """
+        defaults = inspect.signature(MoELayer.__init__).parameters
+        for option, value in self.router_options.items():
+            readers = {name: key for name, names in ROUTER_OPTIONS.items()
+                       for key, read in names.items() if read == option}
+            if router in readers or _same(value, defaults[option].default):
+                continue
+            errors = []
+            for name, key in readers.items():
+                try:  # named, so that users' auto-named layers keep their numbers
+                    ROUTERS[name](None, name=f"{self.name}_{name}_check", **{key: value})
+                    break
+                except (ValueError, TypeError) as error:
+                    errors.append(_in_layer_terms(error, {key: option}))
+            else:
+                raise ValueError(
+                    f"{errors[0]} ({option} is read by the {', '.join(readers)} "
+                    f"router{'s' if len(readers) > 1 else ''}, not by "
+                    f"{f'router={router!r}' if router else type(self.router).__name__})")
 
     # ------------------------------------------------------------------ build
 
