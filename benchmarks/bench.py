@@ -70,19 +70,20 @@ def dense_step(config, xla):
     return common.make_step(loss_fn, [wi, wo], xla)
 
 
-def moe_layer(config, router, dispatch):
+def moe_layer(config, router, dispatch, **options):
+    """tf_moe's `MoELayer` on `config`; `options` are further `MoELayer` arguments."""
     keras.utils.set_random_seed(0)
     layer = tf_moe.MoELayer(
         num_experts=config["num_experts"], expert_hidden_dim=config["hidden_dim"],
         router=router, group_size=config["group_size"],
         capacity_factor_train=config["capacity_factor"], min_expert_capacity=4,
-        dispatch=dispatch, seed=0)
+        dispatch=dispatch, seed=0, **options)
     layer.build((None, config["model_dim"]))
     return layer
 
 
-def moe_step(config, router, dispatch, xla):
-    layer = moe_layer(config, router, dispatch)
+def moe_step(config, router, dispatch, xla, **options):
+    layer = moe_layer(config, router, dispatch, **options)
 
     def loss_fn(x):
         y = layer(x, training=True)

@@ -3,9 +3,9 @@
 On a shared machine other processes take the cores in bursts; models timed one
 after the other (as `bench.py` does) see different loads. Here the models of
 the main configuration (dense baseline, tf_moe's gather path with top-2 and
-expert selection, tf_moe's experts alone, Model Garden's `MoeLayer`, a
-2048² `tf.matmul`, and tf_moe gather/top-2 at other group sizes for the
-linearity target) are stepped in turn, round after round, so each round sees
+expert selection, the latter also without its input jitter, tf_moe's experts
+alone, Model Garden's `MoeLayer`, a 2048² `tf.matmul`, and tf_moe gather/top-2
+at other group sizes for the linearity target) are stepped in turn, round after round, so each round sees
 about the same load; the fastest step of each model and the median of the
 per-round ratios are reported.
 
@@ -86,6 +86,9 @@ def models(xla, group_sizes):
         "tf_moe/gather/top_2": (bench.moe_step(main, "top_2", "gather", xla), main),
         "tf_moe/gather/expert_selection":
             (bench.moe_step(main, "expert_selection", "gather", xla), main),
+        # Without Mesh-TF's default input jitter: what the router's noise costs.
+        "tf_moe/gather/expert_selection, no jitter": (bench.moe_step(
+            main, "expert_selection", "gather", xla, switch_policy_train="argmax"), main),
         "tf_moe experts only (top_2 buffers)": (_experts_step(main, xla), main),
         "matmul 2048x2048": (_matmul_step(), main),
     }
