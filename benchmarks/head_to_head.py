@@ -5,9 +5,9 @@ after the other (as `bench.py` does) see different loads. Here the models of
 the main configuration (dense baseline, tf_moe's gather path with top-2 and
 expert selection, the latter also without its input jitter, tf_moe's experts
 alone, Model Garden's `MoeLayer`, a 2048² `tf.matmul`, and tf_moe gather/top-2
-at other group sizes for the linearity target) are stepped in turn, round after round, so each round sees
-about the same load; the fastest step of each model and the median of the
-per-round ratios are reported.
+at other group sizes for the linearity target) are stepped in turn, round
+after round, so each round sees about the same load; the fastest step of each
+model and the median of the per-round ratios are reported.
 
 Run by `bench.py` (with the Model Garden venv's Python when it exists, since
 that environment sees both tf_moe and tf-keras), or alone:

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 import tf_moe
 import tf_moe.routers
+from tf_moe import layers as layers_module
 import numpy_reference as ref
 
 ROUTERS = ["top_2", "switch", "expert_selection"]
@@ -314,7 +315,7 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
     (dict(router="switch", top_n_num_experts_per_token=1), "top_n_num_experts_per_token"),
     (dict(router="top_2", noisy_gating_k=0), "noisy_gating_k"),
     (dict(router="switch_max", noise_epsilon=-1.0), "noise_epsilon"),
-    (dict(router=tf_moe.Top2Router(), switch_jitter=-1.0), "switch_jitter.* not by Top2Router"),
+    (dict(router="top_2", switch_temperature=True), "switch_temperature"),  # True is not 1.0
 ])
 def test_arguments_the_chosen_router_ignores_are_still_checked(kwargs, match):
     """Nothing is silently dropped: a typo in another router's argument is reported."""
@@ -323,7 +324,7 @@ def test_arguments_the_chosen_router_ignores_are_still_checked(kwargs, match):
 
 
 def test_arguments_the_chosen_router_ignores_may_be_any_readers_value():
-    """A value valid for some router that reads the argument passes (switch samples, ES does not)."""
+    """A value that a router reading the argument accepts passes ("sample": switch's, not ES's)."""
     layer = tf_moe.MoELayer(num_experts=4, router="expert_selection",
                             switch_policy_train="input_dropout", switch_temperature=0.5,
                             use_second_place_expert_prob=0.1, ntlb_top_k=3,
@@ -332,10 +333,37 @@ def test_arguments_the_chosen_router_ignores_may_be_any_readers_value():
     with pytest.raises(ValueError, match="switch_policy_train"):  # sampling: switch's only
         tf_moe.MoELayer(num_experts=4, router="expert_selection", switch_policy_train="sample")
     tf_moe.MoELayer(num_experts=4, router="top_2", switch_policy_train="sample")
-    number = lambda name: int(name.rpartition("_")[2]) if name[-1].isdigit() else 0  # noqa: E731
+
+    def number(name):
+        return int(name.rpartition("_")[2]) if name[-1].isdigit() else 0
+
     before = number(tf_moe.SwitchRouter().name)  # checking creates no auto-named routers
     tf_moe.MoELayer(num_experts=4, switch_jitter=0.5, ntlb_top_k=2)
     assert number(tf_moe.SwitchRouter().name) == before + 1
+
+
+def test_every_router_argument_has_a_reader_and_round_trips():
+    """Each router argument is some router's; unused values survive get_config/from_config."""
+    options = dict(second_policy_train="all", second_threshold_eval=0.3,
+                   use_second_place_loss=True, switch_policy_eval="argmax", switch_jitter=0.05,
+                   switch_dropout=0.2, switch_temperature=0.5, use_second_place_expert_prob=0.1,
+                   use_second_place_expert_prob_temp=2.0, top_n_num_experts_per_token=2,
+                   ntlb_top_k=np.int64(2), noisy_gating_k=1, noise_epsilon=0.1)
+    layer = tf_moe.MoELayer(num_experts=4, router="top_2", **options)
+    assert set(layer.router_options) == set(layers_module.ROUTER_READERS)
+    for router in tf_moe.routers.ROUTERS:
+        layer = tf_moe.MoELayer(num_experts=4, router=router, **options)
+        config = json.loads(json.dumps(layer.get_config()))
+        assert tf_moe.MoELayer.from_config(config).get_config() == config
+
+
+def test_router_layer_with_router_arguments_is_an_error():
+    """A Router layer keeps its own arguments: the layer's would be silently ignored."""
+    with pytest.raises(ValueError, match="switch_jitter=0.5 would be ignored: router is a "
+                                         "SwitchRouter layer"):
+        tf_moe.MoELayer(num_experts=4, router=tf_moe.SwitchRouter(), switch_jitter=0.5)
+    layer = tf_moe.MoELayer(num_experts=4, router=tf_moe.SwitchRouter(jitter=0.5))
+    assert layer.router.jitter == 0.5
 
 
 def test_numpy_scalar_arguments_are_numbers():

@@ -44,8 +44,20 @@ ROUTER_OPTIONS = {
 METRICS = ("balance_loss", "z_loss", "dropped", "max_load")
 
 
+def _router_readers():
+    """For each router argument of `MoELayer`, `{router name: the router's name for it}`."""
+    readers = collections.defaultdict(dict)
+    for name, names in ROUTER_OPTIONS.items():
+        for key, option in names.items():
+            readers[option][name] = key
+    return dict(readers)
+
+
+ROUTER_READERS = _router_readers()
+
+
 def _in_layer_terms(error, names):
-    """A router's error message with its argument names as the layer's (`jitter` -> `switch_jitter`)."""
+    """A router's error message in the layer's argument names (`jitter` -> `switch_jitter`)."""
     message = str(error)
     for key, option in names.items():
         message = re.sub(rf"^(Unknown )?{key}\b", rf"\g<1>{option}", message)
@@ -365,9 +377,10 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
         expert_hidden_dim: `h` of each expert; default `4 * m`.
         router: a name: `"top_2"`, `"top_n"`, `"truncated_top_2"`,
             `"switch"`, `"switch_max"`, `"ntlb"`, `"expert_selection"`,
-            `"noisy_top_k"`; or a `Router` layer. The router arguments below
-            that the chosen router does not read are unused, but a value that
-            no router would accept is still an error.
+            `"noisy_top_k"`; or a `Router` layer, which keeps its own
+            arguments (the router arguments below must then keep their
+            defaults). Those that a named router does not read are unused,
+            but must be valid for some router that reads them.
         group_size: largest number of tokens routed together.
         capacity_factor_train: capacity factor in training.
         capacity_factor_eval: capacity factor in evaluation and inference.
@@ -551,33 +564,39 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
             raise ValueError(_in_layer_terms(error, names)) from None
 
     def _check_unused_router_options(self, router):
-        """Router arguments that `router` ignores must still be valid for a router that reads them.
+        """Router arguments that `router` does not read: still checked, never silently dropped.
 
-        Nothing is silently dropped: `MoELayer(router="top_2",
-        switch_policy_train="input_jiter")` is a typo to report although top-2
-        never reads it. A value passes when some router that reads the
-        argument accepts it (its other arguments at their defaults), so
-        `switch_policy_train="sample"` (switch's, not expert selection's) does.
-        Only values other than the default are checked.
+        With a router given by name, a typo in another router's argument
+        (`router="top_2", switch_policy_train="input_jiter"`) is reported: a
+        value passes when some router that reads the argument accepts it (its
+        other arguments at their defaults, its number of experts left open), so
+        `switch_policy_train="sample"` (switch's, not expert selection's)
+        does. A `Router` layer keeps its own arguments, so with one the layer's
+        router arguments must keep their defaults. Default values are not checked.
         """
         defaults = inspect.signature(MoELayer.__init__).parameters
         for option, value in self.router_options.items():
-            readers = {name: key for name, names in ROUTER_OPTIONS.items()
-                       for key, read in names.items() if read == option}
+            readers = ROUTER_READERS[option]
             if router in readers or _same(value, defaults[option].default):
                 continue
+            if router is None:
+                raise ValueError(
+                    f"{option}={value!r} would be ignored: router is a "
+                    f"{type(self.router).__name__} layer, which keeps its own arguments (set "
+                    "them when building the router).")
             errors = []
             for name, key in readers.items():
                 try:  # named, so that users' auto-named layers keep their numbers
                     ROUTERS[name](None, name=f"{self.name}_{name}_check", **{key: value})
                     break
                 except (ValueError, TypeError) as error:
-                    errors.append(_in_layer_terms(error, {key: option}))
+                    errors.append((error, key))
             else:
-                raise ValueError(
-                    f"{errors[0]} ({option} is read by the {', '.join(readers)} "
-                    f"router{'s' if len(readers) > 1 else ''}, not by "
-                    f"{f'router={router!r}' if router else type(self.router).__name__})")
+                error, key = errors[0]
+                plural = "s" if len(readers) > 1 else ""
+                raise type(error)(
+                    f"{_in_layer_terms(error, {key: option}).rstrip('.')}; {option} is read by "
+                    f"the {', '.join(readers)} router{plural}, not by router={router!r}.")
 
     # ------------------------------------------------------------------ build
 
