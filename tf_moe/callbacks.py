@@ -100,6 +100,15 @@ def write_load_histogram(tag, load, step):
                                  metadata=_HISTOGRAM_METADATA))
 
 
+def _call_tensors(layer):
+    """The symbolic `[inputs]` or `[inputs, token_embeddings]` of `layer`'s one call in a model."""
+    if len(layer._inbound_nodes) != 1:
+        raise ValueError(f"{layer.name} is called {len(layer._inbound_nodes)} times.")
+    arguments = layer._inbound_nodes[0].arguments
+    embeddings = arguments.kwargs.get("token_embeddings")
+    return [arguments.args[0]] + ([] if embeddings is None else [embeddings])
+
+
 def moe_layers(model):
     """Every `MoELayer` and `HierarchicalMoELayer` inside `model`, nested ones too.
 
@@ -192,6 +201,7 @@ class RouterTensorBoard(keras.callbacks.Callback):
         self._writers = {}
         self._layers = None
         self._extractor = None  # model inputs -> the MoE layers' inputs
+        self._call_sizes = []  # per layer: 1 tensor, or 2 with token embeddings
         self._previous = {}  # (layer, key) -> (total, count) at the previous write
         self._batches = 0
 
@@ -212,11 +222,12 @@ class RouterTensorBoard(keras.callbacks.Callback):
         return self._layers
 
     def _layer_inputs(self):
-        """The probe as each MoE layer sees it now: `(inputs [..., m], mask or None)` pairs.
+        """The probe as each MoE layer sees it now: `(inputs, mask, extra)` triples.
 
         Recomputed at every write: the layers before an MoE layer train too.
         The mask is the Keras mask that reaches the layer (padding from an
-        `Embedding(mask_zero=True)`, say), so the probe is routed as in `fit`.
+        `Embedding(mask_zero=True)`, say), so the probe is routed as in `fit`;
+        `extra` holds the `token_embeddings` the layer is called with, if any.
         """
         layers = self._moe_layers()
         if self._extractor is None:
@@ -226,16 +237,24 @@ class RouterTensorBoard(keras.callbacks.Callback):
                 except AttributeError:  # a Sequential model only has the list `inputs`
                     inputs = self.model.inputs
                     inputs = inputs[0] if len(inputs) == 1 else inputs
-                self._extractor = keras.Model(inputs, [layer.input for layer in layers])
+                calls = [_call_tensors(layer) for layer in layers]
+                self._extractor = keras.Model(inputs, [t for call in calls for t in call])
+                self._call_sizes = [len(call) for call in calls]
             except (AttributeError, ValueError, TypeError):
                 self._extractor = False  # subclassed model, or a layer called twice
         if self._extractor is False:
-            return [(tf.convert_to_tensor(self.probe), None) for _ in layers]
+            return [(tf.convert_to_tensor(self.probe), None, {}) for _ in layers]
         outputs = self._extractor(self.probe, training=False)
         if not isinstance(outputs, (list, tuple)):
             outputs = [outputs]
-        return [(tf.convert_to_tensor(output), getattr(output, "_keras_mask", None))
-                for output in outputs]
+        triples, start = [], 0
+        for size in self._call_sizes:
+            layer_inputs, *embeddings = outputs[start:start + size]
+            start += size
+            extra = dict(token_embeddings=embeddings[0]) if embeddings else {}
+            triples.append((tf.convert_to_tensor(layer_inputs),
+                            getattr(layer_inputs, "_keras_mask", None), extra))
+        return triples
 
     # ------------------------------------------------------------ writing
 
@@ -248,9 +267,10 @@ class RouterTensorBoard(keras.callbacks.Callback):
         if self.probe is None:
             return
         with self._writer("train").as_default():
-            for layer, (inputs, mask) in zip(self._moe_layers(), self._layer_inputs()):
+            for layer, (inputs, mask, extra) in zip(self._moe_layers(), self._layer_inputs()):
                 try:
-                    routed = layer.route(inputs, mask=mask, training=self.probe_training)
+                    routed = layer.route(inputs, mask=mask, training=self.probe_training,
+                                         **extra)
                 except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
                     raise ValueError(
                         f"RouterTensorBoard could not route the probe through layer "

@@ -78,6 +78,10 @@ class InnerTop2Router(Top2Router):
         super().__init__(num_experts, **kwargs)
         _check_int("num_outer_experts", num_outer_experts, 1)
         self.num_outer_experts = num_outer_experts
+        if self.word_embed_mode is not None:
+            raise ValueError(
+                "InnerTop2Router routes the outer experts' buffers, which carry no token "
+                f"embeddings: word_embed_mode must be None, got {self.word_embed_mode!r}.")
 
     def build(self, input_shape):
         if self.num_experts is None:
@@ -345,7 +349,7 @@ class HierarchicalMoELayer(_ThreadLocalLosses, keras.layers.Layer):
 
     def _route(self, inputs, mask, training):
         """Both levels of routing; everything `call` and `route` need."""
-        tokens, importance, num_tokens, groups, group_size, finite = _group_layer_inputs(
+        (tokens, importance, num_tokens, groups, group_size, finite), _ = _group_layer_inputs(
             self, inputs, mask)
         x, y = self.num_experts
         factor = self.capacity_factor_train if training else self.capacity_factor_eval

@@ -273,18 +273,56 @@ def _route_inputs(layer, inputs):
     return inputs
 
 
-def _group_layer_inputs(layer, inputs, mask):
+def _group_layer_inputs(layer, inputs, mask, token_embeddings=None):
     """`group_tokens` after checking the width the layer was built for (if built).
 
     Both layers' `call` and `route` group through here, so a wrong width gets
     one error naming the layer, not a reshape failure inside the router.
+
+    Returns:
+        The `Grouped` inputs and, with `token_embeddings` `[..., k]`, those
+        grouped alike `[g, s, k]` (else None): one pass over both, so they
+        share groups, padding and the tokens held non-finite.
     """
     name = type(layer).__name__
     width, expected = inputs.shape[-1], getattr(layer, "input_dim", None)
     if width is None or (expected is not None and width != expected):
         raise ValueError(f"{name} inputs must have width {expected} (last axis), got "
                          f"shape {inputs.shape}.")
-    return group_tokens(inputs, mask, layer.group_size, name)
+    if token_embeddings is None:
+        return group_tokens(inputs, mask, layer.group_size, name), None
+    joined = group_tokens(tf.concat([inputs, token_embeddings], axis=-1), mask,
+                          layer.group_size, name)
+    return joined._replace(tokens=joined.tokens[..., :width]), joined.tokens[..., width:]
+
+
+def _token_embeddings(layer, inputs, token_embeddings):
+    """`token_embeddings` checked against the router and `inputs`, in the inputs' dtype.
+
+    Mesh-TF casts them to the inputs' dtype too; the router then computes in
+    float32.
+    """
+    mode, name = layer.router.word_embed_mode, f"{type(layer).__name__} {layer.name!r}"
+    if token_embeddings is None:
+        if mode is not None:
+            raise ValueError(
+                f"{name} routes with word_embed_mode={mode!r}: call it with "
+                "token_embeddings=..., the embeddings of its tokens ([..., k]).")
+        return None
+    if mode is None:
+        raise ValueError(
+            f"{name} got token_embeddings, but its router's word_embed_mode is None: set "
+            "word_embed_mode to route with them.")
+    token_embeddings = tf.convert_to_tensor(token_embeddings)
+    if not token_embeddings.dtype.is_floating:
+        raise TypeError(f"token_embeddings must be floating point, got dtype "
+                        f"{token_embeddings.dtype.name}.")
+    if (token_embeddings.shape.rank != inputs.shape.rank
+            or not token_embeddings.shape[:-1].is_compatible_with(inputs.shape[:-1])):
+        raise ValueError(
+            f"token_embeddings must have the inputs' shape but the last axis, "
+            f"{inputs.shape[:-1]} + [k] (one embedding per token), got {token_embeddings.shape}.")
+    return tf.cast(token_embeddings, inputs.dtype)
 
 
 def ungroup_tokens(grouped, num_tokens, inputs, finite):
@@ -407,6 +445,11 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
             `NTLBRouter`).
         noisy_gating_k, noise_epsilon: `k` and `noise_epsilon` of the noisy
             top-k router (see `NoisyTopKRouter`).
+        word_embed_mode: None, or how the embeddings of the tokens, given to
+            `call` as `token_embeddings`, join the router's inputs (Mesh-TF's
+            `moe_word_embed_mode`): `"concat"`, `"concat_stop_grad"`,
+            `"add"`, `"add_stop_grad"` or `"embed_only"` (see `Router`).
+            Any router by name; a `Router` layer has its own.
         seed: int or None, seeds the router and expert dropout.
         expert_parallel: bool. Inside a `tf.distribute` replica context with
             `r` replicas (`num_experts % r == 0`), replica `i` runs only
@@ -440,6 +483,11 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
         training: bool.
         mask: optional boolean `[...]` (a Keras mask): masked tokens are
             treated like padding (importance 0).
+        token_embeddings: `[..., k]`, the embeddings of the tokens of
+            `inputs` (Mesh-TF's `token_embeddings`, e.g. the model's input
+            embeddings), cast to the inputs' dtype: required with a
+            `word_embed_mode`, refused without. A keyword argument, so only
+            in functional and subclassed models.
 
     Returns:
         `[..., n]`, the leading shape of `inputs` kept.
@@ -449,6 +497,16 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
     ...     keras.Input((64, 32)), MoELayer(num_experts=8), keras.layers.Dense(10)])
     >>> model(tf.zeros([2, 64, 32])).shape
     TensorShape([2, 64, 10])
+
+    The router can also see each token's input embedding (Mesh-TF's
+    `moe_word_embed_mode`), given in a functional model:
+
+    >>> ids = keras.Input((64,), dtype="int32")
+    >>> embeddings = keras.layers.Embedding(1000, 32)(ids)
+    >>> moe = MoELayer(num_experts=8, word_embed_mode="concat")
+    >>> outputs = moe(keras.layers.Dense(32)(embeddings), token_embeddings=embeddings)
+    >>> keras.Model(ids, outputs).output_shape, moe.router.kernel.shape  # kernel [m + k, e]
+    ((None, 64, 32), TensorShape([64, 8]))
     """
 
     @routing._python_numbers
@@ -483,6 +541,7 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
         ntlb_top_k=4,
         noisy_gating_k=2,
         noise_epsilon=1e-2,
+        word_embed_mode=None,
         seed=None,
         expert_parallel=False,
         dispatch="auto",
@@ -525,6 +584,7 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
             noisy_gating_k=noisy_gating_k,
             noise_epsilon=noise_epsilon,
         )
+        self.word_embed_mode = word_embed_mode
         self.router = self._make_router(router)
         self._check_unused_router_options(self._router_name)
         if experts is not None and not isinstance(experts, keras.layers.Layer):
@@ -549,6 +609,10 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
                 raise ValueError(
                     f"The router has num_experts={router.num_experts} but the layer has "
                     f"num_experts={self.num_experts}.")
+            if self.word_embed_mode is not None:
+                raise ValueError(
+                    f"word_embed_mode={self.word_embed_mode!r} would be ignored: router is a "
+                    f"{type(router).__name__} layer, which has its own (set it there).")
             self._router_name = None
             return router
         if not isinstance(router, str) or router not in ROUTERS:
@@ -559,6 +623,7 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
         names = ROUTER_OPTIONS[router]
         try:
             return ROUTERS[router](self.num_experts, seed=self.seed, name=f"{self.name}_router",
+                                   word_embed_mode=self.word_embed_mode,
                                    **{key: options[option] for key, option in names.items()})
         except ValueError as error:
             raise ValueError(_in_layer_terms(error, names)) from None
@@ -600,16 +665,16 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
 
     # ------------------------------------------------------------------ build
 
-    def build(self, input_shape):
-        if len(input_shape) < 2:
+    def build(self, inputs_shape, token_embeddings_shape=None):
+        if len(inputs_shape) < 2:
             raise ValueError(
                 f"MoELayer inputs must have rank >= 2 ([..., tokens, m]), got shape "
-                f"{tuple(input_shape)}.")
-        model_dim = input_shape[-1]
+                f"{tuple(inputs_shape)}.")
+        model_dim = inputs_shape[-1]
         if model_dim is None or model_dim < 1:
             raise ValueError(
                 f"MoELayer needs a known input width (last axis) >= 1 at build time, got "
-                f"shape {tuple(input_shape)}.")
+                f"shape {tuple(inputs_shape)}.")
         self.input_dim = model_dim
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: model_dim})
         if self.experts is None:
@@ -619,27 +684,34 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
                 dropout_rate=self.expert_dropout_rate,
                 seed=None if self.seed is None else self.seed + 1,  # not the router's stream
                 dtype=self.dtype_policy, name=f"{self.name}_experts")
-        if not self.router.built:
-            self.router.build((None, None, model_dim))
+        # A router with a word_embed_mode needs the embeddings' width: without it
+        # here (a layer built by hand), it builds on its first call.
+        if not self.router.built and (token_embeddings_shape is not None
+                                      or self.router.word_embed_mode is None):
+            self.router.build((None, None, model_dim), token_embeddings_shape)
         if not self.experts.built:
             self.experts.build((self.num_experts, None, None, model_dim))
 
     # ------------------------------------------------------------------- call
 
-    def _route(self, inputs, mask, training):
-        grouped = _group_layer_inputs(self, inputs, mask)
+    def _route(self, inputs, mask, training, token_embeddings=None):
+        grouped, embeddings = _group_layer_inputs(
+            self, inputs, mask, _token_embeddings(self, inputs, token_embeddings))
         factor = self.capacity_factor_train if training else self.capacity_factor_eval
         capacity = routing.expert_capacity(
             grouped.group_size, self.num_experts, factor, self.min_expert_capacity)
         if self.dropless:
             capacity = grouped.group_size
+        # Only a router that routes with embeddings is given them: a custom router's
+        # call need not know the argument.
+        extra = {} if embeddings is None else dict(token_embeddings=embeddings)
         result = self.router(grouped.tokens, expert_capacity=capacity,
-                             importance=grouped.importance, training=training)
+                             importance=grouped.importance, training=training, **extra)
         return grouped, result
 
-    def call(self, inputs, training=None, mask=None):
+    def call(self, inputs, training=None, mask=None, token_embeddings=None):
         training = bool(training)
-        grouped, result = self._route(inputs, mask, training)
+        grouped, result = self._route(inputs, mask, training, token_embeddings)
         tokens = grouped.tokens
         by_index = (dispatch_module.resolve(self.dispatch) == "gather"
                     and result.expert_slots is not None)  # a custom router may give dense only
@@ -686,13 +758,14 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
         for key, tracker in self._metric_trackers.items():
             tracker.update_state(values[key])
 
-    def route(self, inputs, mask=None, training=False):
+    def route(self, inputs, mask=None, training=False, token_embeddings=None):
         """How the layer routes `inputs`, without running the experts.
 
         Args:
             inputs: `[..., m]`, as for `call`.
             mask: optional boolean `[...]`.
             training: bool: training or evaluation capacity and policies.
+            token_embeddings: `[..., k]`, as for `call`.
 
         Returns:
             A dict: `gates` `[..., e]` (the weight of each expert in each
@@ -705,7 +778,7 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
         TensorShape([2, 8, 4])
         """
         inputs = _route_inputs(self, inputs)
-        grouped, result = self._route(inputs, mask, training)
+        grouped, result = self._route(inputs, mask, training, token_embeddings)
         gates = (result.expert_gates if result.expert_gates is not None
                  else tf.reduce_sum(result.combine_tensor, axis=-1))  # [g, s, e]
         gates = ungroup_tokens(gates, grouped.num_tokens, inputs, grouped.finite)
@@ -734,6 +807,7 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
                      if self._custom_experts else None),
             **_common_config(self),
             **self.router_options,
+            word_embed_mode=self.word_embed_mode,
         )
         return config
 

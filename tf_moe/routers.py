@@ -15,6 +15,8 @@ import tensorflow as tf
 from tf_moe import routing, seeding
 
 INPUT_POLICIES = ("argmax", "input_jitter", "input_dropout")
+# Mesh-TF's `moe_word_embed_mode`: how token embeddings join the router's inputs.
+WORD_EMBED_MODES = (None, "concat", "concat_stop_grad", "add", "add_stop_grad", "embed_only")
 
 
 def _token_matmul(x, kernel):
@@ -52,6 +54,12 @@ class Router(keras.layers.Layer):
             truncated normal with variance `1 / m` (Mesh-TF's dense layers
             truncate without rescaling: 0.77 times that variance).
         seed: int or None, seeds the router's random policies.
+        word_embed_mode: None, or how the tokens' embeddings `[g, s, k]`
+            join the router's (perturbed) inputs, as Mesh-TF's
+            `moe_word_embed_mode`: `"concat"` (the kernel is then
+            `[m + k, e]`), `"add"` (`k == m`), `"embed_only"` (the kernel is
+            `[k, e]`), or `"concat_stop_grad"` / `"add_stop_grad"` (no
+            gradient reaches the embeddings through the router).
         **kwargs: base `Layer` arguments. The dtype is always float32.
 
     Call arguments:
@@ -59,6 +67,8 @@ class Router(keras.layers.Layer):
         expert_capacity: `c`, an int >= 1 or a scalar int tensor.
         importance: optional `[g, s]` float weights (0 for padding).
         training: bool.
+        token_embeddings: `[g, s, k]`, grouped as `inputs`; required with a
+            `word_embed_mode` and refused without one.
 
     Returns:
         A `tf_moe.routing.RoutingResult` with `[g, s, e, c]` tensors.
@@ -85,7 +95,8 @@ class Router(keras.layers.Layer):
             cls.__init__ = routing._python_numbers(cls.__dict__["__init__"])
 
     @routing._python_numbers
-    def __init__(self, num_experts=None, *, kernel_initializer=None, seed=None, **kwargs):
+    def __init__(self, num_experts=None, *, kernel_initializer=None, seed=None,
+                 word_embed_mode=None, **kwargs):
         kwargs.pop("dtype", None)
         super().__init__(dtype="float32", **kwargs)
         if num_experts is not None:
@@ -94,6 +105,8 @@ class Router(keras.layers.Layer):
         self.kernel_initializer = (
             keras.initializers.get(kernel_initializer) if kernel_initializer is not None else None)
         self.seed = seed
+        routing._check_choice("word_embed_mode", word_embed_mode, WORD_EMBED_MODES)
+        self.word_embed_mode = word_embed_mode
 
     def _check_num_experts(self, num_experts):
         if (not isinstance(num_experts, int) or isinstance(num_experts, bool)
@@ -103,26 +116,66 @@ class Router(keras.layers.Layer):
                 f"{type(self).__name__}, got {num_experts!r}."
             )
 
-    def build(self, input_shape):
+    def build(self, inputs_shape, token_embeddings_shape=None):
         if self.num_experts is None:
             raise ValueError(
                 f"{type(self).__name__} needs num_experts before it is built: pass it to "
                 "the router or give the router to a MoELayer."
             )
-        model_dim = input_shape[-1]
-        if model_dim is None:
-            raise ValueError("The router's inputs must have a known last axis (m).")
+        width = self._gate_width(inputs_shape[-1], token_embeddings_shape)
         initializer = self.kernel_initializer or keras.initializers.VarianceScaling(
             1.0, mode="fan_in", distribution="truncated_normal", seed=self.seed)
         self.kernel = self.add_weight(
-            name="kernel", shape=(model_dim, self.num_experts), initializer=initializer,
+            name="kernel", shape=(width, self.num_experts), initializer=initializer,
             dtype="float32")
         self.seed_base, self.seed_step = seeding.add_seed_weights(self, self.seed)
 
-    def logits(self, inputs, training=False):
+    def _gate_width(self, model_dim, token_embeddings_shape):
+        """The width of the router's inputs once the token embeddings have joined them."""
+        if model_dim is None:
+            raise ValueError("The router's inputs must have a known last axis (m).")
+        mode = self.word_embed_mode
+        if mode is None:
+            return model_dim
+        width = None if token_embeddings_shape is None else token_embeddings_shape[-1]
+        if width is None:
+            raise ValueError(
+                f"word_embed_mode={mode!r} needs token embeddings with a known last axis to "
+                f"build the router, got shape {token_embeddings_shape}.")
+        if mode.startswith("add") and width != model_dim:
+            raise ValueError(
+                f"word_embed_mode={mode!r} adds the token embeddings to the inputs: their "
+                f"width must be the inputs' {model_dim}, got {width}.")
+        return {"concat": model_dim + width, "add": model_dim,
+                "embed_only": width}[mode.removesuffix("_stop_grad")]
+
+    def logits(self, inputs, training=False, token_embeddings=None):
         """Router logits `[..., e]` in float32, with the training perturbation."""
-        x = self.perturb(tf.cast(inputs, tf.float32), training)
+        x = self.gate_inputs(inputs, training, token_embeddings)
         return _token_matmul(x, self.kernel)
+
+    def gate_inputs(self, inputs, training, token_embeddings=None):
+        """The kernel's float32 inputs: the perturbed tokens, with embeddings per `word_embed_mode`.
+
+        The embeddings join after the perturbation (as Mesh-TF): no jitter or
+        dropout reaches them.
+        """
+        x = self.perturb(tf.cast(inputs, tf.float32), training)
+        mode = self.word_embed_mode
+        if (mode is None) != (token_embeddings is None):
+            raise ValueError(
+                f"{type(self).__name__} has word_embed_mode={mode!r}: token_embeddings "
+                f"must be {'given' if mode else 'None'}.")
+        if mode is None:
+            return x
+        embeddings = tf.cast(token_embeddings, tf.float32)
+        if mode.endswith("_stop_grad"):
+            embeddings = tf.stop_gradient(embeddings)
+        if mode.startswith("concat"):
+            return tf.concat([x, embeddings], axis=-1)
+        if mode.startswith("add"):
+            return x + embeddings
+        return embeddings
 
     def perturb(self, x, training):
         """The router's own copy of the tokens, perturbed for exploration."""
@@ -143,8 +196,11 @@ class Router(keras.layers.Layer):
     def route(self, logits, expert_capacity, importance, training):
         raise NotImplementedError(f"{type(self).__name__} must implement route().")
 
-    def call(self, inputs, expert_capacity, importance=None, training=None):
-        logits = self.logits(inputs, bool(training))
+    def call(self, inputs, expert_capacity, importance=None, training=None,
+             token_embeddings=None):
+        # Passed on only when given, for subclasses whose `logits` predates the argument.
+        extra = {} if token_embeddings is None else dict(token_embeddings=token_embeddings)
+        logits = self.logits(inputs, bool(training), **extra)
         return self.route(logits, expert_capacity, importance, bool(training))
 
     def get_config(self):
@@ -155,6 +211,7 @@ class Router(keras.layers.Layer):
             kernel_initializer=(keras.initializers.serialize(self.kernel_initializer)
                                 if self.kernel_initializer is not None else None),
             seed=self.seed,
+            word_embed_mode=self.word_embed_mode,
         )
         return config
 
@@ -619,14 +676,15 @@ class NoisyTopKRouter(Router):
     def min_experts(self):
         return self.k
 
-    def build(self, input_shape):
-        super().build(input_shape)
+    def build(self, inputs_shape, token_embeddings_shape=None):
+        super().build(inputs_shape, token_embeddings_shape)
         self.noise_kernel = self.add_weight(
             name="noise_kernel", shape=self.kernel.shape, initializer=self.kernel_initializer,
             dtype="float32")
 
-    def call(self, inputs, expert_capacity, importance=None, training=None):
-        x = tf.cast(inputs, tf.float32)
+    def call(self, inputs, expert_capacity, importance=None, training=None,
+             token_embeddings=None):
+        x = self.gate_inputs(inputs, bool(training), token_embeddings)
         logits = _token_matmul(x, self.kernel)
         noise_stddev = None
         if training and self.noisy_gating:
