@@ -169,6 +169,80 @@ def test_bad_token_embeddings(build, call, error, match):
         tf_moe.MoELayer(num_experts=4, group_size=8, **build)(x, **call)
 
 
+def test_embeddings_of_another_width_than_built_for():
+    x, embeddings = _data("concat")
+    layer = tf_moe.MoELayer(num_experts=4, group_size=8, word_embed_mode="concat")
+    layer(x, token_embeddings=embeddings)
+    with pytest.raises(ValueError, match="kernel was built for 7"):
+        layer(x, token_embeddings=np.ones((3, 5, 1), "float32"))
+    with pytest.raises(ValueError, match=r"call it with token_embeddings=\[\.\.\., k\]"):
+        tf_moe.SwitchRouter(num_experts=4, word_embed_mode="concat")(x, expert_capacity=4)
+
+
+def test_functional_models_check_the_embeddings_when_built():
+    hidden, embeddings = keras.Input((5, 4)), keras.Input((5, 3))
+    with pytest.raises(ValueError, match="call it with token_embeddings"):
+        tf_moe.MoELayer(num_experts=4, word_embed_mode="concat")(hidden)
+    with pytest.raises(ValueError, match="word_embed_mode is None"):
+        tf_moe.MoELayer(num_experts=4)(hidden, token_embeddings=embeddings)
+
+
+@pytest.mark.parametrize("router", sorted(tf_moe.routers.ROUTERS))
+def test_every_router_trains_with_embeddings_under_xla(router):
+    keras.utils.set_random_seed(0)
+    model = _functional_model("concat", router=router)
+    model.compile("adam", "sparse_categorical_crossentropy", jit_compile=True)
+    rng = np.random.default_rng(0)
+    ids, labels = rng.integers(50, size=(16, 16)), rng.integers(3, size=(16, 16))
+    history = model.fit(ids, labels, epochs=2, batch_size=8, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert model.get_layer("moe").router.kernel.shape == (16, 4)  # [m + k, e]
+
+
+def test_a_layer_routed_first_saves_and_reloads_its_router(tmp_path):
+    """route() builds the layer with the embeddings' shape: the router's kernel exists,
+    is saved and comes back."""
+    x, embeddings = _data("concat")
+    layer = tf_moe.MoELayer(num_experts=4, expert_hidden_dim=8, group_size=8,
+                            word_embed_mode="concat")
+    before = layer.route(x, token_embeddings=embeddings)["gates"].numpy()
+    assert layer.router.kernel.shape == (7, 4)
+    inputs = keras.Input((5, 4))
+    token_embeddings = keras.Input((5, 3))
+    outputs = layer(inputs, token_embeddings=token_embeddings)
+    model = keras.Model([inputs, token_embeddings], outputs)
+    path = str(tmp_path / "routed.keras")
+    model.save(path)
+    reloaded = keras.models.load_model(path).layers[-1]
+    np.testing.assert_array_equal(reloaded.route(x, token_embeddings=embeddings)["gates"], before)
+
+
+def test_router_tensorboard_probes_a_layer_called_with_keywords(tmp_path):
+    from test_callbacks import read_events  # noqa: PLC0415
+
+    inputs = keras.Input((8, 8))
+    moe = tf_moe.MoELayer(4, name="moe", seed=0)
+    model = keras.Model(inputs, keras.layers.Dense(1)(moe(inputs=inputs)))
+    model.compile("adam", "mse")
+    x = np.random.default_rng(0).normal(size=(16, 8, 8)).astype("float32")
+    model.fit(x, x[..., :1], epochs=1, verbose=0,
+              callbacks=[tf_moe.RouterTensorBoard(tmp_path, probe=x[:4])])
+    assert "moe/probe_dropped" in read_events(tmp_path / "train")
+
+
+def test_custom_router_with_a_one_shape_build_still_works():
+    class OneShapeRouter(tf_moe.Router):
+        def build(self, input_shape):
+            super().build(input_shape)
+
+        def route(self, logits, expert_capacity, importance, training):
+            return tf_moe.routing.switch_gating(logits, expert_capacity,
+                                                importance=importance, policy="argmax")
+
+    layer = tf_moe.MoELayer(num_experts=4, router=OneShapeRouter(), group_size=8)
+    assert layer(np.ones((2, 8, 4), "float32")).shape == (2, 8, 4)
+
+
 def test_bad_word_embed_mode():
     with pytest.raises(ValueError, match="Unknown word_embed_mode 'sum'; accepted: None, "):
         tf_moe.MoELayer(num_experts=4, word_embed_mode="sum")

@@ -23,6 +23,7 @@ package is installed (it is needed to view them, and by
 `keras.callbacks.TensorBoard`).
 """
 
+import inspect
 import os
 
 import keras
@@ -104,9 +105,10 @@ def _call_tensors(layer):
     """The symbolic `[inputs]` or `[inputs, token_embeddings]` of `layer`'s one call in a model."""
     if len(layer._inbound_nodes) != 1:
         raise ValueError(f"{layer.name} is called {len(layer._inbound_nodes)} times.")
-    arguments = layer._inbound_nodes[0].arguments
-    embeddings = arguments.kwargs.get("token_embeddings")
-    return [arguments.args[0]] + ([] if embeddings is None else [embeddings])
+    node = layer._inbound_nodes[0].arguments
+    call = inspect.signature(layer.call).bind_partial(*node.args, **node.kwargs).arguments
+    embeddings = call.get("token_embeddings")
+    return [call["inputs"]] + ([] if embeddings is None else [embeddings])
 
 
 def moe_layers(model):
@@ -240,7 +242,7 @@ class RouterTensorBoard(keras.callbacks.Callback):
                 calls = [_call_tensors(layer) for layer in layers]
                 self._extractor = keras.Model(inputs, [t for call in calls for t in call])
                 self._call_sizes = [len(call) for call in calls]
-            except (AttributeError, ValueError, TypeError):
+            except (AttributeError, ValueError, TypeError, KeyError):
                 self._extractor = False  # subclassed model, or a layer called twice
         if self._extractor is False:
             return [(tf.convert_to_tensor(self.probe), None, {}) for _ in layers]
@@ -251,9 +253,9 @@ class RouterTensorBoard(keras.callbacks.Callback):
         for size in self._call_sizes:
             layer_inputs, *embeddings = outputs[start:start + size]
             start += size
-            extra = dict(token_embeddings=embeddings[0]) if embeddings else {}
             triples.append((tf.convert_to_tensor(layer_inputs),
-                            getattr(layer_inputs, "_keras_mask", None), extra))
+                            getattr(layer_inputs, "_keras_mask", None),
+                            dict(zip(["token_embeddings"], embeddings))))
         return triples
 
     # ------------------------------------------------------------ writing

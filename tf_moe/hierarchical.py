@@ -349,7 +349,7 @@ class HierarchicalMoELayer(_ThreadLocalLosses, keras.layers.Layer):
 
     def _route(self, inputs, mask, training):
         """Both levels of routing; everything `call` and `route` need."""
-        (tokens, importance, num_tokens, groups, group_size, finite), _ = _group_layer_inputs(
+        tokens, importance, num_tokens, groups, group_size, finite = _group_layer_inputs(
             self, inputs, mask)
         x, y = self.num_experts
         factor = self.capacity_factor_train if training else self.capacity_factor_eval

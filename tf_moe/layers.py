@@ -259,40 +259,51 @@ def _unless_all(finite, rows, fill):
                    lambda: tf.where(finite[:, None], rows, fill))
 
 
-def _route_inputs(layer, inputs):
+def _route_inputs(layer, inputs, token_embeddings=None):
     """`inputs` for a layer's `route`, as Keras prepares `call`'s.
 
     Float inputs are cast to the layer's compute dtype (others are left for
-    `group_tokens` to reject), and the layer is built on first use.
+    `group_tokens` to reject), and the layer is built on first use (with the
+    embeddings' shape, if given).
     """
     inputs = tf.convert_to_tensor(inputs)
     if inputs.dtype.is_floating:
         inputs = tf.cast(inputs, layer.compute_dtype)
     if not layer.built:
-        layer.build(inputs.shape)
+        layer.build(inputs.shape, **routing._given(
+            token_embeddings_shape=None if token_embeddings is None
+            else tf.convert_to_tensor(token_embeddings).shape))
     return inputs
 
 
-def _group_layer_inputs(layer, inputs, mask, token_embeddings=None):
-    """`group_tokens` after checking the width the layer was built for (if built).
+def _check_layer_width(layer, inputs):
+    """The inputs' width against the one the layer was built for (if built).
 
-    Both layers' `call` and `route` group through here, so a wrong width gets
-    one error naming the layer, not a reshape failure inside the router.
-
-    Returns:
-        The `Grouped` inputs and, with `token_embeddings` `[..., k]`, those
-        grouped alike `[g, s, k]` (else None): one pass over both, so they
-        share groups, padding and the tokens held non-finite.
+    Both layers' `call` and `route` check here, so a wrong width gets one
+    error naming the layer, not a reshape failure inside the router.
     """
-    name = type(layer).__name__
     width, expected = inputs.shape[-1], getattr(layer, "input_dim", None)
     if width is None or (expected is not None and width != expected):
-        raise ValueError(f"{name} inputs must have width {expected} (last axis), got "
-                         f"shape {inputs.shape}.")
-    if token_embeddings is None:
-        return group_tokens(inputs, mask, layer.group_size, name), None
+        raise ValueError(f"{type(layer).__name__} inputs must have width {expected} (last "
+                         f"axis), got shape {inputs.shape}.")
+
+
+def _group_layer_inputs(layer, inputs, mask):
+    """`group_tokens` of a layer's inputs, their width checked."""
+    _check_layer_width(layer, inputs)
+    return group_tokens(inputs, mask, layer.group_size, type(layer).__name__)
+
+
+def _group_with_embeddings(layer, inputs, mask, token_embeddings):
+    """`(Grouped inputs, embeddings [g, s, k])`, the embeddings `[..., k]` grouped alike.
+
+    One pass over both, so they share groups, padding and the tokens held
+    non-finite (a NaN in either makes the token's output NaN).
+    """
+    _check_layer_width(layer, inputs)
     joined = group_tokens(tf.concat([inputs, token_embeddings], axis=-1), mask,
-                          layer.group_size, name)
+                          layer.group_size, type(layer).__name__)
+    width = inputs.shape[-1]
     return joined._replace(tokens=joined.tokens[..., :width]), joined.tokens[..., width:]
 
 
@@ -684,19 +695,30 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
                 dropout_rate=self.expert_dropout_rate,
                 seed=None if self.seed is None else self.seed + 1,  # not the router's stream
                 dtype=self.dtype_policy, name=f"{self.name}_experts")
-        # A router with a word_embed_mode needs the embeddings' width: without it
-        # here (a layer built by hand), it builds on its first call.
-        if not self.router.built and (token_embeddings_shape is not None
-                                      or self.router.word_embed_mode is None):
-            self.router.build((None, None, model_dim), token_embeddings_shape)
+        mode = self.router.word_embed_mode
+        if mode is not None and token_embeddings_shape is None:
+            raise ValueError(
+                f"MoELayer {self.name!r} routes with word_embed_mode={mode!r}: call it with "
+                "token_embeddings=... (or build it with token_embeddings_shape=...), whose "
+                "width sets the router's kernel.")
+        if mode is None and token_embeddings_shape is not None:
+            raise ValueError(
+                f"MoELayer {self.name!r} got token_embeddings, but its router's "
+                "word_embed_mode is None: set word_embed_mode to route with them.")
+        if not self.router.built:  # a custom router's build may take one shape only
+            self.router.build((None, None, model_dim), **routing._given(
+                token_embeddings_shape=token_embeddings_shape))
         if not self.experts.built:
             self.experts.build((self.num_experts, None, None, model_dim))
 
     # ------------------------------------------------------------------- call
 
     def _route(self, inputs, mask, training, token_embeddings=None):
-        grouped, embeddings = _group_layer_inputs(
-            self, inputs, mask, _token_embeddings(self, inputs, token_embeddings))
+        embeddings = _token_embeddings(self, inputs, token_embeddings)
+        if embeddings is None:
+            grouped = _group_layer_inputs(self, inputs, mask)
+        else:
+            grouped, embeddings = _group_with_embeddings(self, inputs, mask, embeddings)
         factor = self.capacity_factor_train if training else self.capacity_factor_eval
         capacity = routing.expert_capacity(
             grouped.group_size, self.num_experts, factor, self.min_expert_capacity)
@@ -704,9 +726,9 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
             capacity = grouped.group_size
         # Only a router that routes with embeddings is given them: a custom router's
         # call need not know the argument.
-        extra = {} if embeddings is None else dict(token_embeddings=embeddings)
         result = self.router(grouped.tokens, expert_capacity=capacity,
-                             importance=grouped.importance, training=training, **extra)
+                             importance=grouped.importance, training=training,
+                             **routing._given(token_embeddings=embeddings))
         return grouped, result
 
     def call(self, inputs, training=None, mask=None, token_embeddings=None):
@@ -777,7 +799,7 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
         >>> layer.route(tf.random.normal([2, 8, 16]))["gates"].shape
         TensorShape([2, 8, 4])
         """
-        inputs = _route_inputs(self, inputs)
+        inputs = _route_inputs(self, inputs, token_embeddings)
         grouped, result = self._route(inputs, mask, training, token_embeddings)
         gates = (result.expert_gates if result.expert_gates is not None
                  else tf.reduce_sum(result.combine_tensor, axis=-1))  # [g, s, e]

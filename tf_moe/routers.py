@@ -137,11 +137,14 @@ class Router(keras.layers.Layer):
         mode = self.word_embed_mode
         if mode is None:
             return model_dim
-        width = None if token_embeddings_shape is None else token_embeddings_shape[-1]
-        if width is None:
+        if token_embeddings_shape is None:
             raise ValueError(
-                f"word_embed_mode={mode!r} needs token embeddings with a known last axis to "
-                f"build the router, got shape {token_embeddings_shape}.")
+                f"{type(self).__name__} has word_embed_mode={mode!r}: call it with "
+                "token_embeddings=[..., k] (their width sets the kernel's).")
+        width = token_embeddings_shape[-1]
+        if width is None:
+            raise ValueError(f"token_embeddings need a known last axis (k), got shape "
+                             f"{token_embeddings_shape}.")
         if mode.startswith("add") and width != model_dim:
             raise ValueError(
                 f"word_embed_mode={mode!r} adds the token embeddings to the inputs: their "
@@ -169,6 +172,12 @@ class Router(keras.layers.Layer):
         if mode is None:
             return x
         embeddings = tf.cast(token_embeddings, tf.float32)
+        width = self._gate_width(x.shape[-1], embeddings.shape)
+        if width != self.kernel.shape[0]:
+            raise ValueError(
+                f"token_embeddings of shape {embeddings.shape} with inputs of width "
+                f"{x.shape[-1]} make {mode!r} router inputs of width {width}, but the kernel "
+                f"was built for {self.kernel.shape[0]}.")
         if mode.endswith("_stop_grad"):
             embeddings = tf.stop_gradient(embeddings)
         if mode.startswith("concat"):
@@ -199,8 +208,8 @@ class Router(keras.layers.Layer):
     def call(self, inputs, expert_capacity, importance=None, training=None,
              token_embeddings=None):
         # Passed on only when given, for subclasses whose `logits` predates the argument.
-        extra = {} if token_embeddings is None else dict(token_embeddings=token_embeddings)
-        logits = self.logits(inputs, bool(training), **extra)
+        logits = self.logits(inputs, bool(training),
+                             **routing._given(token_embeddings=token_embeddings))
         return self.route(logits, expert_capacity, importance, bool(training))
 
     def get_config(self):
@@ -639,8 +648,9 @@ class ExpertSelectionRouter(_InputPolicyRouter):
 class NoisyTopKRouter(Router):
     """Noisy top-k router of Shazeer et al. 2017.
 
-    Owns a gate kernel `[m, e]` and a noise kernel `[m, e]`, both initialised
-    to zeros (as the paper). In training the logits get Gaussian noise of
+    Owns a gate kernel `[m, e]` and a noise kernel `[m, e]` (both wider with a
+    `word_embed_mode`, a tf_moe extension: both see the joined inputs),
+    initialised to zeros (as the paper). In training the logits get Gaussian noise of
     standard deviation `softplus(x @ w_noise) + noise_epsilon`; each token uses
     its `k` best experts with the softmax over those `k` as gates. Its loss is
     `cv2(importance) + cv2(load)` (see `tf_moe.routing.noisy_top_k_gating`).

@@ -1099,6 +1099,11 @@ def _check_int(argument, value, low, allow_none=False):
         raise ValueError(f"{argument} must be {extra}an int >= {low}, got {value!r}.")
 
 
+def _given(**kwargs):
+    """The keyword arguments that are not None: optional ones passed on only when set."""
+    return {key: value for key, value in kwargs.items() if value is not None}
+
+
 def _check_choice(argument, value, accepted):
     if value not in accepted:
         raise ValueError(
