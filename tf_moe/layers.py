@@ -307,23 +307,29 @@ def _group_with_embeddings(layer, inputs, mask, token_embeddings):
     return joined._replace(tokens=joined.tokens[..., :width]), joined.tokens[..., width:]
 
 
+def _check_embeddings_given(layer, given):
+    """Token embeddings are given exactly when the layer's router routes with them."""
+    mode, name = layer.router.word_embed_mode, f"{type(layer).__name__} {layer.name!r}"
+    if mode is not None and not given:
+        raise ValueError(
+            f"{name} routes with word_embed_mode={mode!r}: call it with "
+            "token_embeddings=..., the embeddings of its tokens ([..., k]), whose width "
+            "sets the router's kernel.")
+    if mode is None and given:
+        raise ValueError(
+            f"{name} got token_embeddings, but its router's word_embed_mode is None: set "
+            "word_embed_mode to route with them.")
+
+
 def _token_embeddings(layer, inputs, token_embeddings):
     """`token_embeddings` checked against the router and `inputs`, in the inputs' dtype.
 
     Mesh-TF casts them to the inputs' dtype too; the router then computes in
     float32.
     """
-    mode, name = layer.router.word_embed_mode, f"{type(layer).__name__} {layer.name!r}"
+    _check_embeddings_given(layer, token_embeddings is not None)
     if token_embeddings is None:
-        if mode is not None:
-            raise ValueError(
-                f"{name} routes with word_embed_mode={mode!r}: call it with "
-                "token_embeddings=..., the embeddings of its tokens ([..., k]).")
         return None
-    if mode is None:
-        raise ValueError(
-            f"{name} got token_embeddings, but its router's word_embed_mode is None: set "
-            "word_embed_mode to route with them.")
     token_embeddings = tf.convert_to_tensor(token_embeddings)
     if not token_embeddings.dtype.is_floating:
         raise TypeError(f"token_embeddings must be floating point, got dtype "
@@ -695,16 +701,7 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
                 dropout_rate=self.expert_dropout_rate,
                 seed=None if self.seed is None else self.seed + 1,  # not the router's stream
                 dtype=self.dtype_policy, name=f"{self.name}_experts")
-        mode = self.router.word_embed_mode
-        if mode is not None and token_embeddings_shape is None:
-            raise ValueError(
-                f"MoELayer {self.name!r} routes with word_embed_mode={mode!r}: call it with "
-                "token_embeddings=... (or build it with token_embeddings_shape=...), whose "
-                "width sets the router's kernel.")
-        if mode is None and token_embeddings_shape is not None:
-            raise ValueError(
-                f"MoELayer {self.name!r} got token_embeddings, but its router's "
-                "word_embed_mode is None: set word_embed_mode to route with them.")
+        _check_embeddings_given(self, token_embeddings_shape is not None)
         if not self.router.built:  # a custom router's build may take one shape only
             self.router.build((None, None, model_dim), **routing._given(
                 token_embeddings_shape=token_embeddings_shape))

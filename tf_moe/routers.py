@@ -650,10 +650,11 @@ class NoisyTopKRouter(Router):
 
     Owns a gate kernel `[m, e]` and a noise kernel `[m, e]` (both wider with a
     `word_embed_mode`, a tf_moe extension: both see the joined inputs),
-    initialised to zeros (as the paper). In training the logits get Gaussian noise of
-    standard deviation `softplus(x @ w_noise) + noise_epsilon`; each token uses
-    its `k` best experts with the softmax over those `k` as gates. Its loss is
-    `cv2(importance) + cv2(load)` (see `tf_moe.routing.noisy_top_k_gating`).
+    initialised to zeros (as the paper). In training the logits get Gaussian
+    noise of standard deviation `softplus(x @ w_noise) + noise_epsilon`; each
+    token uses its `k` best experts with the softmax over those `k` as gates.
+    Its loss is `cv2(importance) + cv2(load)` (see
+    `tf_moe.routing.noisy_top_k_gating`).
 
     Args:
         num_experts: `e >= k`, or `None` to take the owning layer's.
