@@ -467,6 +467,13 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
             `moe_word_embed_mode`): `"concat"`, `"concat_stop_grad"`,
             `"add"`, `"add_stop_grad"` or `"embed_only"` (see `Router`).
             Any router by name; a `Router` layer has its own.
+        use_experts_attention: bool (Mesh-TF's `moe_use_experts_attention`).
+            If True the layer returns a pair `(q, k)`, each `[..., n]`: the
+            experts' hidden layer feeds two output kernels (Mesh-TF's `q_wo`
+            and `k_wo`, here the two halves of one `[e, h, 2n]` kernel) and
+            both are combined with the same gates, e.g. as the queries and
+            keys of an attention layer. A custom `experts` layer must then
+            output `2n` (`q` then `k`). Functional and subclassed models only.
         seed: int or None, seeds the router and expert dropout.
         expert_parallel: bool. Inside a `tf.distribute` replica context with
             `r` replicas (`num_experts % r == 0`), replica `i` runs only
@@ -507,7 +514,8 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
             in functional and subclassed models.
 
     Returns:
-        `[..., n]`, the leading shape of `inputs` kept.
+        `[..., n]`, the leading shape of `inputs` kept; a pair of them with
+        `use_experts_attention`.
 
     Example:
     >>> model = keras.Sequential([
@@ -559,6 +567,7 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
         noisy_gating_k=2,
         noise_epsilon=1e-2,
         word_embed_mode=None,
+        use_experts_attention=False,
         seed=None,
         expert_parallel=False,
         dispatch="auto",
@@ -602,6 +611,10 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
             noise_epsilon=noise_epsilon,
         )
         self.word_embed_mode = word_embed_mode
+        if not isinstance(use_experts_attention, bool):
+            raise TypeError(
+                f"use_experts_attention must be a bool, got {use_experts_attention!r}.")
+        self.use_experts_attention = use_experts_attention
         self.router = self._make_router(router)
         self._check_unused_router_options(self._router_name)
         if experts is not None and not isinstance(experts, keras.layers.Layer):
@@ -695,12 +708,17 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
         self.input_dim = model_dim
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: model_dim})
         if self.experts is None:
+            outputs = 2 if self.use_experts_attention else 1  # q and k: one [e, h, 2n] kernel
             self.experts = FeedForwardExperts(
                 self.num_experts, self.expert_hidden_dim or 4 * model_dim,
-                activation=self.activation, output_dim=self.output_dim,
+                activation=self.activation, output_dim=outputs * (self.output_dim or model_dim),
                 dropout_rate=self.expert_dropout_rate,
                 seed=None if self.seed is None else self.seed + 1,  # not the router's stream
                 dtype=self.dtype_policy, name=f"{self.name}_experts")
+        elif self.use_experts_attention and self._experts_width(model_dim) % 2:
+            raise ValueError(
+                f"use_experts_attention splits the experts' outputs into q and k: the custom "
+                f"experts must output an even width, got {self._experts_width(model_dim)}.")
         _check_embeddings_given(self, token_embeddings_shape is not None)
         if not self.router.built:  # a custom router's build may take one shape only
             self.router.build((None, None, model_dim), **routing._given(
@@ -765,7 +783,10 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
         if self.loss_coef:
             self.add_loss(self.loss_coef * loss)
         self._update_metrics(result)
-        return tf.cast(outputs, self.compute_dtype)
+        outputs = tf.cast(outputs, self.compute_dtype)
+        if self.use_experts_attention:
+            return tuple(tf.split(outputs, 2, axis=-1))  # (q, k)
+        return outputs
 
     def _update_metrics(self, result):
         values = {
@@ -804,15 +825,21 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
         return dict(gates=gates, aux_loss=result.aux_loss, z_loss=result.z_loss,
                     **result.metrics)
 
-    def compute_output_shape(self, input_shape):
-        width = self.output_dim or input_shape[-1]
+    def _experts_width(self, model_dim):
+        """The width of the experts' outputs: `n`, or `2n` for q and k."""
         if self._custom_experts:  # [e, t, m] -> [e, t, n]: n is the experts' to say
-            width = self.experts.compute_output_shape(
-                (self.num_experts, None, input_shape[-1]))[-1]
+            return self.experts.compute_output_shape((self.num_experts, None, model_dim))[-1]
+        return (2 if self.use_experts_attention else 1) * (self.output_dim or model_dim)
+
+    def compute_output_shape(self, input_shape):
+        width = self._experts_width(input_shape[-1])
+        if self.use_experts_attention:
+            shape = tuple(input_shape[:-1]) + (width // 2,)
+            return shape, shape
         return tuple(input_shape[:-1]) + (width,)
 
     def compute_mask(self, inputs, mask=None):
-        return mask
+        return (mask, mask) if self.use_experts_attention else mask
 
     # ----------------------------------------------------------------- config
 
@@ -827,6 +854,7 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
             **_common_config(self),
             **self.router_options,
             word_embed_mode=self.word_embed_mode,
+            use_experts_attention=self.use_experts_attention,
         )
         return config
 

@@ -1,0 +1,80 @@
+"""Experts attention: Mesh-TF's `moe_use_experts_attention` as `use_experts_attention`."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_moe
+
+
+def _layer(**kwargs):
+    return tf_moe.MoELayer(num_experts=4, expert_hidden_dim=16, group_size=8,
+                           second_policy_eval="all", seed=0, **kwargs)
+
+
+@pytest.mark.parametrize("router", ["top_2", "switch", "expert_selection"])
+@pytest.mark.parametrize("dispatch", ["einsum", "gather"])
+def test_q_and_k_are_two_output_kernels_on_one_hidden_layer(router, dispatch):
+    """Mesh-TF's q_wo and k_wo: the same routing, inputs and hidden layer, combined
+    with the same gates; each equals a plain layer whose output kernel is that half."""
+    x = np.random.default_rng(0).normal(size=(3, 6, 5)).astype("float32")
+    attention = _layer(router=router, dispatch=dispatch, output_dim=7,
+                       use_experts_attention=True, switch_policy_eval="argmax")
+    q, k = attention(x)
+    assert q.shape == k.shape == (3, 6, 7)
+    assert attention.experts.wo.shape == (4, 16, 14)
+    for half, expected in ((slice(0, 7), q), (slice(7, 14), k)):
+        plain = _layer(router=router, dispatch=dispatch, output_dim=7,
+                       switch_policy_eval="argmax")
+        plain.build(x.shape)
+        plain.router.kernel.assign(attention.router.kernel)
+        plain.experts.wi[0].assign(attention.experts.wi[0])
+        plain.experts.wo.assign(attention.experts.wo[..., half])
+        np.testing.assert_allclose(plain(x), expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(q, k)
+
+
+def test_functional_model_with_q_and_k_fits_saves_and_reloads(tmp_path):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 8))
+    moe = _layer(use_experts_attention=True, name="moe")
+    q, k = moe(inputs)
+    scores = keras.layers.Dot(axes=(2, 2))([q, k])  # [b, 16, 16] attention logits
+    model = keras.Model(inputs, keras.layers.Dense(1)(scores))
+    model.compile("adam", "mse")
+    x = np.random.default_rng(0).normal(size=(32, 16, 8)).astype("float32")
+    history = model.fit(x, x[..., :1], epochs=2, batch_size=8, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    path = str(tmp_path / "attention.keras")
+    model.save(path)
+    np.testing.assert_array_equal(model.predict(x, verbose=0),
+                                  keras.models.load_model(path).predict(x, verbose=0))
+    config = json.loads(json.dumps(moe.get_config()))
+    assert tf_moe.MoELayer.from_config(config).use_experts_attention is True
+
+
+def test_both_outputs_carry_the_keras_mask():
+    inputs = keras.Input((6, 5))
+    q, k = _layer(use_experts_attention=True)(keras.layers.Masking()(inputs))
+    model = keras.Model(inputs, [q, k])
+    x = np.ones((2, 6, 5), "float32")
+    x[0, 4:] = 0.0  # masked
+    q_mask = model.layers[-1].compute_mask(x, tf.constant(np.any(x != 0, -1)))
+    assert len(q_mask) == 2
+    np.testing.assert_array_equal(q_mask[0], np.any(x != 0, -1))
+    np.testing.assert_array_equal(q_mask[1], np.any(x != 0, -1))
+
+
+def test_custom_experts_must_give_q_and_k():
+    x = np.ones((2, 8, 4), "float32")
+    even = tf_moe.FeedForwardExperts(4, 8, output_dim=6)
+    q, k = _layer(experts=even, use_experts_attention=True)(x)
+    assert q.shape == k.shape == (2, 8, 3)
+    odd = tf_moe.FeedForwardExperts(4, 8, output_dim=5)
+    with pytest.raises(ValueError, match="custom experts must output an even width, got 5"):
+        _layer(experts=odd, use_experts_attention=True)(x)
+    with pytest.raises(TypeError, match="use_experts_attention must be a bool"):
+        _layer(use_experts_attention="yes")
