@@ -64,6 +64,14 @@ def _in_layer_terms(error, names):
     return message
 
 
+def _check_even_width(width):
+    """The experts' outputs split into q and k (`use_experts_attention`): an even width."""
+    if width is not None and width % 2:
+        raise ValueError(
+            f"use_experts_attention splits the experts' outputs into q and k: the custom "
+            f"experts must output an even width, got {width}.")
+
+
 def _same(value, default):
     """`value == default` without numbers and booleans mixing (`1 == True`)."""
     return type(value) is type(default) and value == default
@@ -470,10 +478,11 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
         use_experts_attention: bool (Mesh-TF's `moe_use_experts_attention`).
             If True the layer returns a pair `(q, k)`, each `[..., n]`: the
             experts' hidden layer feeds two output kernels (Mesh-TF's `q_wo`
-            and `k_wo`, here the two halves of one `[e, h, 2n]` kernel) and
-            both are combined with the same gates, e.g. as the queries and
-            keys of an attention layer. A custom `experts` layer must then
-            output `2n` (`q` then `k`). Functional and subclassed models only.
+            and `k_wo`, here the two halves of one `[e, h, 2n]` kernel, which
+            the default fan-in initializer draws as two) and both are
+            combined with the same gates, e.g. as the queries and keys of an
+            attention layer. A custom `experts` layer must then output `2n`
+            (`q` then `k`). In a `Sequential`, only as the last layer.
         seed: int or None, seeds the router and expert dropout.
         expert_parallel: bool. Inside a `tf.distribute` replica context with
             `r` replicas (`num_experts % r == 0`), replica `i` runs only
@@ -708,17 +717,14 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
         self.input_dim = model_dim
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: model_dim})
         if self.experts is None:
-            outputs = 2 if self.use_experts_attention else 1  # q and k: one [e, h, 2n] kernel
-            self.experts = FeedForwardExperts(
+            self.experts = FeedForwardExperts(  # with q and k: one [e, h, 2n] output kernel
                 self.num_experts, self.expert_hidden_dim or 4 * model_dim,
-                activation=self.activation, output_dim=outputs * (self.output_dim or model_dim),
+                activation=self.activation, output_dim=self._experts_width(model_dim),
                 dropout_rate=self.expert_dropout_rate,
                 seed=None if self.seed is None else self.seed + 1,  # not the router's stream
                 dtype=self.dtype_policy, name=f"{self.name}_experts")
-        elif self.use_experts_attention and self._experts_width(model_dim) % 2:
-            raise ValueError(
-                f"use_experts_attention splits the experts' outputs into q and k: the custom "
-                f"experts must output an even width, got {self._experts_width(model_dim)}.")
+        elif self.use_experts_attention:
+            _check_even_width(self._experts_width(model_dim))
         _check_embeddings_given(self, token_embeddings_shape is not None)
         if not self.router.built:  # a custom router's build may take one shape only
             self.router.build((None, None, model_dim), **routing._given(
@@ -785,6 +791,7 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
         self._update_metrics(result)
         outputs = tf.cast(outputs, self.compute_dtype)
         if self.use_experts_attention:
+            _check_even_width(outputs.shape[-1])
             return tuple(tf.split(outputs, 2, axis=-1))  # (q, k)
         return outputs
 
@@ -826,15 +833,19 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
                     **result.metrics)
 
     def _experts_width(self, model_dim):
-        """The width of the experts' outputs: `n`, or `2n` for q and k."""
+        """The width of the experts' outputs: `n`, or `2n` for q and k (None if unknown)."""
         if self._custom_experts:  # [e, t, m] -> [e, t, n]: n is the experts' to say
-            return self.experts.compute_output_shape((self.num_experts, None, model_dim))[-1]
+            try:
+                return self.experts.compute_output_shape(
+                    (self.num_experts, None, model_dim))[-1]
+            except NotImplementedError:  # a layer that only knows once it has run
+                return None
         return (2 if self.use_experts_attention else 1) * (self.output_dim or model_dim)
 
     def compute_output_shape(self, input_shape):
         width = self._experts_width(input_shape[-1])
         if self.use_experts_attention:
-            shape = tuple(input_shape[:-1]) + (width // 2,)
+            shape = tuple(input_shape[:-1]) + (None if width is None else width // 2,)
             return shape, shape
         return tuple(input_shape[:-1]) + (width,)
 
