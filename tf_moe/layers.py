@@ -272,15 +272,14 @@ def _route_inputs(layer, inputs, token_embeddings=None):
 
     Float inputs are cast to the layer's compute dtype (others are left for
     `group_tokens` to reject), and the layer is built on first use (with the
-    embeddings' shape, if given).
+    shape of `token_embeddings`, a tensor, if given).
     """
     inputs = tf.convert_to_tensor(inputs)
     if inputs.dtype.is_floating:
         inputs = tf.cast(inputs, layer.compute_dtype)
     if not layer.built:
-        layer.build(inputs.shape, **routing._given(
-            token_embeddings_shape=None if token_embeddings is None
-            else tf.convert_to_tensor(token_embeddings).shape))
+        layer.build(inputs.shape, **routing._given(token_embeddings_shape=getattr(
+            token_embeddings, "shape", None)))
     return inputs
 
 
@@ -315,27 +314,14 @@ def _group_with_embeddings(layer, inputs, mask, token_embeddings):
     return joined._replace(tokens=joined.tokens[..., :width]), joined.tokens[..., width:]
 
 
-def _check_embeddings_given(layer, given):
-    """Token embeddings are given exactly when the layer's router routes with them."""
-    mode, name = layer.router.word_embed_mode, f"{type(layer).__name__} {layer.name!r}"
-    if mode is not None and not given:
-        raise ValueError(
-            f"{name} routes with word_embed_mode={mode!r}: call it with "
-            "token_embeddings=..., the embeddings of its tokens ([..., k]), whose width "
-            "sets the router's kernel.")
-    if mode is None and given:
-        raise ValueError(
-            f"{name} got token_embeddings, but its router's word_embed_mode is None: set "
-            "word_embed_mode to route with them.")
-
-
 def _token_embeddings(layer, inputs, token_embeddings):
     """`token_embeddings` checked against the router and `inputs`, in the inputs' dtype.
 
     Mesh-TF casts them to the inputs' dtype too; the router then computes in
     float32.
     """
-    _check_embeddings_given(layer, token_embeddings is not None)
+    layer.router._check_embeddings_given(token_embeddings is not None,
+                                         owner=f"{type(layer).__name__} {layer.name!r}")
     if token_embeddings is None:
         return None
     token_embeddings = tf.convert_to_tensor(token_embeddings)
@@ -725,7 +711,8 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
                 dtype=self.dtype_policy, name=f"{self.name}_experts")
         elif self.use_experts_attention:
             _check_even_width(self._experts_width(model_dim))
-        _check_embeddings_given(self, token_embeddings_shape is not None)
+        self.router._check_embeddings_given(token_embeddings_shape is not None,
+                                            owner=f"{type(self).__name__} {self.name!r}")
         if not self.router.built:  # a custom router's build may take one shape only
             self.router.build((None, None, model_dim), **routing._given(
                 token_embeddings_shape=token_embeddings_shape))
@@ -824,6 +811,8 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
         >>> layer.route(tf.random.normal([2, 8, 16]))["gates"].shape
         TensorShape([2, 8, 4])
         """
+        if token_embeddings is not None:  # converted once, for build and routing
+            token_embeddings = tf.convert_to_tensor(token_embeddings)
         inputs = _route_inputs(self, inputs, token_embeddings)
         grouped, result = self._route(inputs, mask, training, token_embeddings)
         gates = (result.expert_gates if result.expert_gates is not None

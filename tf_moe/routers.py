@@ -134,13 +134,10 @@ class Router(keras.layers.Layer):
         """The width of the router's inputs once the token embeddings have joined them."""
         if model_dim is None:
             raise ValueError("The router's inputs must have a known last axis (m).")
+        self._check_embeddings_given(token_embeddings_shape is not None)
         mode = self.word_embed_mode
         if mode is None:
             return model_dim
-        if token_embeddings_shape is None:
-            raise ValueError(
-                f"{type(self).__name__} has word_embed_mode={mode!r}: call it with "
-                "token_embeddings=[..., k] (their width sets the kernel's).")
         width = token_embeddings_shape[-1]
         if width is None:
             raise ValueError(f"token_embeddings need a known last axis (k), got shape "
@@ -151,6 +148,23 @@ class Router(keras.layers.Layer):
                 f"width must be the inputs' {model_dim}, got {width}.")
         return {"concat": model_dim + width, "add": model_dim,
                 "embed_only": width}[mode.removesuffix("_stop_grad")]
+
+    def _check_embeddings_given(self, given, owner=None):
+        """Token embeddings are given exactly when the router routes with them.
+
+        `owner`: the layer named in the message (the router itself by default).
+        """
+        mode, name = self.word_embed_mode, owner or type(self).__name__
+        if mode is not None and not given:
+            raise ValueError(
+                f"{name} routes with word_embed_mode={mode!r}: call it with "
+                "token_embeddings=[..., k], the embeddings of its tokens, whose width sets "
+                "the router's kernel.")
+        if mode is None and given:
+            whose = "its router's" if owner else "its"
+            raise ValueError(
+                f"{name} got token_embeddings, but {whose} word_embed_mode is None: set "
+                "word_embed_mode to route with them.")
 
     def logits(self, inputs, training=False, token_embeddings=None):
         """Router logits `[..., e]` in float32, with the training perturbation."""
@@ -164,11 +178,8 @@ class Router(keras.layers.Layer):
         dropout reaches them.
         """
         x = self.perturb(tf.cast(inputs, tf.float32), training)
+        self._check_embeddings_given(token_embeddings is not None)
         mode = self.word_embed_mode
-        if (mode is None) != (token_embeddings is None):
-            raise ValueError(
-                f"{type(self).__name__} has word_embed_mode={mode!r}: token_embeddings "
-                f"must be {'given' if mode else 'None'}.")
         if mode is None:
             return x
         embeddings = tf.cast(token_embeddings, tf.float32)
