@@ -208,9 +208,11 @@ def test_layer_seed_gives_the_same_routing_without_global_seed():
                                       b.route(x, training=True)["gates"].numpy())
 
 
-def _philox_bits(shape, seed):
-    return tf.random.stateless_uniform(shape, seed, dtype=tf.uint32, minval=None, maxval=None,
+def _philox_units(size, seed):
+    """TensorFlow's `Uint32ToFloat` of `size` Philox words, in NumPy: the low 23 bits."""
+    bits = tf.random.stateless_uniform([size], seed, dtype=tf.uint32, minval=None, maxval=None,
                                        alg="philox").numpy()
+    return ((bits & 0x7FFFFF) | 0x3F800000).view(np.float32) - 1
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
@@ -218,9 +220,8 @@ def test_random_draws_are_tensorflows_with_and_without_xla(jit_compile):
     shape, seed = [3, 333], [11, -5]  # an odd size: the last normal pair is cut
     # NumPy reference from the Philox words: TensorFlow's Uint32ToFloat (low 23
     # bits) and Box-Muller on consecutive pairs of words.
-    unit = ((_philox_bits([999], seed) & 0x7FFFFF) | 0x3F800000).view(np.float32) - 1
-    pairs = ((_philox_bits([1000], seed) & 0x7FFFFF) | 0x3F800000).view(np.float32) - 1.0
-    pairs = pairs.astype(np.float64).reshape(500, 2)
+    unit = _philox_units(999, seed)
+    pairs = _philox_units(1000, seed).astype(np.float64).reshape(500, 2)
     radius = np.sqrt(-2.0 * np.log(np.maximum(pairs[:, 0], 1e-7)))
     normal = np.stack([np.sin(2 * np.pi * pairs[:, 1]) * radius,
                        np.cos(2 * np.pi * pairs[:, 1]) * radius], axis=1).reshape(-1)[:999]
