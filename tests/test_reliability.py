@@ -248,15 +248,30 @@ def test_random_draws_are_tensorflows_with_and_without_xla(jit_compile):
     ("switch", dict(switch_policy_train="sample")),
     ("top_2", dict(second_threshold_train=0.9)),  # the "random" second policy
     ("noisy_top_k", {}),  # Gaussian noise
-], ids=["jitter", "expert_selection", "dropout", "sample", "top_2_random", "noisy_top_k"])
-def test_random_policies_draw_the_same_under_jit_compile(router, kwargs):
+    ("top_n", {}),  # the "random" policy of the third choice: a salted stream
+    ("switch", dict(use_second_place_expert_prob=0.5)),  # two salted streams
+], ids=["jitter", "expert_selection", "dropout", "sample", "top_2_random", "noisy_top_k",
+        "top_n_salted", "switch_salted"])
+@pytest.mark.parametrize("training", [True, False])  # inference seeds have a negative half
+def test_random_policies_draw_the_same_under_jit_compile(router, kwargs, training):
     x = np.random.default_rng(0).normal(size=(4, 16, 6)).astype("float32")
+    if not training:  # the same policies at evaluation
+        kwargs = {key.replace("_train", "_eval"): value for key, value in kwargs.items()}
     eager = tf_moe.MoELayer(num_experts=4, router=router, seed=9, **kwargs)
     compiled = tf_moe.MoELayer(num_experts=4, router=router, seed=9, **kwargs)
-    route = tf.function(lambda x: compiled.route(x, training=True)["gates"], jit_compile=True)
-    for _ in range(2):  # fresh draws at each step, the same in both
-        np.testing.assert_allclose(route(x).numpy(), eager.route(x, training=True)["gates"],
+    route = tf.function(lambda x: compiled.route(x, training=training)["gates"],
+                        jit_compile=True)
+    for _ in range(2):  # in training, fresh draws at each step, the same in both
+        np.testing.assert_allclose(route(x).numpy(), eager.route(x, training=training)["gates"],
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [[9, -1], [-7, 3], [123456, 7], [0, 0]])
+def test_fold_in_is_tensorflows_with_and_without_xla(seed):
+    expected = tf.random.experimental.stateless_fold_in(tf.constant(seed), 5).numpy()
+    compiled = tf.function(lambda s: seeding.fold_in(s, 5), jit_compile=True, autograph=False)
+    np.testing.assert_array_equal(seeding.fold_in(tf.constant(seed), 5).numpy(), expected)
+    np.testing.assert_array_equal(compiled(tf.constant(seed)).numpy(), expected)
 
 
 # ---------------------------------------------------- interrupted training

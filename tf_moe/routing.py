@@ -1015,7 +1015,7 @@ def _uniform(shape, seed, minval=0.0, salt=0):
     if isinstance(seed, int):
         seed = [seed, salt]
     elif salt:  # a [2] seed tensor: a different stream per salt
-        seed = tf.random.experimental.stateless_fold_in(seed, salt)
+        seed = seeding.fold_in(seed, salt)
     return seeding.uniform(shape, seed, minval, 1.0)  # the same draws with and without XLA
 
 

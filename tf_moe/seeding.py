@@ -75,6 +75,29 @@ def _philox_bits(shape, seed):
                                        maxval=None, alg="philox")
 
 
+def fold_in(seed, data):
+    """A new `[2]` int32 seed from `seed` and an int: another stream per `data`.
+
+    TensorFlow's `stateless_fold_in` as TensorFlow's CPU kernel computes it (a
+    Philox word of `seed`, then `data`), with and without XLA: inside XLA,
+    TensorFlow's own `stateless_fold_in` draws another word for seeds with a
+    negative half, such as the inference seed `(base, -1)`.
+
+    Args:
+        seed: `[2]` int32 tensor or list.
+        data: int or int32 scalar tensor.
+
+    Returns:
+        An int32 tensor of shape `[2]`.
+
+    Example:
+    >>> fold_in([9, -1], 1).numpy().tolist()
+    [1286366065, 1]
+    """
+    word = tf.bitcast(_philox_bits([], seed), tf.int32)
+    return tf.stack([word, tf.convert_to_tensor(data, tf.int32)])
+
+
 def uniform(shape, seed, minval=0.0, maxval=1.0):
     """Stateless float32 uniform samples in `[minval, maxval)` from a `[2]` seed.
 
