@@ -195,3 +195,37 @@ def test_alongside_keras_tensorboard(tmp_path):
     events = accumulator.Tensors("moe/expert_load")
     assert [event.step for event in events] == [0, 1]
     assert tf.make_ndarray(events[-1].tensor_proto).shape == (4, 3)
+
+
+def test_a_shared_layer_writes_the_probe_views_of_each_call(tmp_path):
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(32, 8, 8)).astype("float32")
+    b = rng.normal(size=(32, 5, 8)).astype("float32")  # another sequence length
+    moe = tf_moe.MoELayer(4, name="shared", seed=0)
+    first, second = keras.Input((8, 8)), keras.Input((5, 8))
+    before = keras.layers.Dense(8, name="before")  # the second call sees other inputs
+    pool = keras.layers.GlobalAveragePooling1D()
+    joined = keras.layers.Concatenate()([pool(moe(first)), pool(moe(before(second)))])
+    model = keras.Model([first, second], keras.layers.Dense(1)(joined))
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    model.fit([a, b], np.zeros((32, 1)), batch_size=16, epochs=1, verbose=0,
+              callbacks=[tf_moe.RouterTensorBoard(tmp_path, probe=[a[:4], b[:4]])])
+    train = read_events(tmp_path / "train")
+    assert "shared/dropped" in train  # the training metrics: one set over both calls
+    for index, inputs in enumerate([a[:4], model.get_layer("before")(b[:4])]):
+        routed = moe.route(inputs)
+        np.testing.assert_allclose(train[f"shared/call_{index}/expert_load"][-1][2][:, 2],
+                                   routed["expert_load"], rtol=1e-5)
+        np.testing.assert_allclose(train[f"shared/call_{index}/probe_dropped"][-1][2],
+                                   routed["dropped_fraction"], rtol=1e-5)
+    assert not any(tag.startswith("shared/probe_") for tag in train)
+
+
+def test_a_layer_nested_in_a_sub_model_is_a_clear_error(tmp_path):
+    x, _ = _data()
+    inner = keras.Sequential([keras.Input((8, 8)), tf_moe.MoELayer(4, name="moe")], name="block")
+    model = keras.Sequential([keras.Input((8, 8)), inner, keras.layers.Dense(1)])
+    with pytest.raises(ValueError, match=r"\['moe'\].*nested in a sub-model"):
+        _fit(model, [tf_moe.RouterTensorBoard(tmp_path, probe=x[:4])], epochs=1)
+    _fit(model, [tf_moe.RouterTensorBoard(tmp_path)], epochs=1)  # no probe: metrics only
+    assert "moe/dropped" in read_events(tmp_path / "train")

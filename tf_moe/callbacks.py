@@ -12,7 +12,9 @@ layer gets its own section in TensorBoard):
   `[i, i + 1)` and holds expert `i`'s share of the token choices; the
   hierarchical layer writes `outer_expert_load` over `x` groups and
   `inner_expert_load` over `y` experts), and the probe's dropped fraction,
-  balance loss, z-loss, max load and router entropy as `probe_*` scalars.
+  balance loss, z-loss, max load and router entropy as `probe_*` scalars
+  (a layer called more than once in the model, weights shared, writes these
+  per call: `layer/call_0/...`, `layer/call_1/...`).
 
 The events go to `log_dir/train` (and `log_dir/validation` for the `val_`
 metrics), the run directories of `keras.callbacks.TensorBoard`: give both
@@ -101,14 +103,27 @@ def write_load_histogram(tag, load, step):
                                  metadata=_HISTOGRAM_METADATA))
 
 
-def _call_tensors(layer):
-    """The symbolic `[inputs]` or `[inputs, token_embeddings]` of `layer`'s one call in a model."""
-    if len(layer._inbound_nodes) != 1:
-        raise ValueError(f"{layer.name} is called {len(layer._inbound_nodes)} times.")
-    node = layer._inbound_nodes[0].arguments
-    call = inspect.signature(layer.call).bind_partial(*node.args, **node.kwargs).arguments
-    embeddings = call.get("token_embeddings")
-    return [call["inputs"]] + ([] if embeddings is None else [embeddings])
+def _calls(layer, model):
+    """The symbolic `[inputs]` or `[inputs, token_embeddings]` of each call of `layer` in `model`.
+
+    A layer shared by several calls of the model gives one list per call, in
+    the order of the calls; calls in other models (the layer reused
+    elsewhere) are left out.
+    """
+    graph = getattr(model, "_functional", None) or model  # a Sequential wraps a Functional
+    by_depth = getattr(graph, "_nodes_by_depth", None)
+    in_model = None if by_depth is None else {
+        id(node) for nodes in by_depth.values() for node in nodes}
+    calls = []
+    for node in layer._inbound_nodes:
+        if in_model is not None and id(node) not in in_model:
+            continue
+        arguments = node.arguments
+        call = inspect.signature(layer.call).bind_partial(
+            *arguments.args, **arguments.kwargs).arguments
+        embeddings = call.get("token_embeddings")
+        calls.append([call["inputs"]] + ([] if embeddings is None else [embeddings]))
+    return calls
 
 
 def moe_layers(model):
@@ -224,39 +239,52 @@ class RouterTensorBoard(keras.callbacks.Callback):
         return self._layers
 
     def _layer_inputs(self):
-        """The probe as each MoE layer sees it now: `(inputs, mask, extra)` triples.
+        """The probe as each MoE layer sees it now: per layer, `(inputs, mask, extra)` per call.
 
         Recomputed at every write: the layers before an MoE layer train too.
         The mask is the Keras mask that reaches the layer (padding from an
         `Embedding(mask_zero=True)`, say), so the probe is routed as in `fit`;
         `extra` holds the `token_embeddings` the layer is called with, if any.
+        A layer shared by several calls of the model gets one triple per call.
         """
         layers = self._moe_layers()
         if self._extractor is None:
             try:
-                try:
-                    inputs = self.model.input  # the structure the model is called with
-                except AttributeError:  # a Sequential model only has the list `inputs`
-                    inputs = self.model.inputs
-                    inputs = inputs[0] if len(inputs) == 1 else inputs
-                calls = [_call_tensors(layer) for layer in layers]
-                self._extractor = keras.Model(inputs, [t for call in calls for t in call])
-                self._call_sizes = [len(call) for call in calls]
-            except (AttributeError, ValueError, TypeError, KeyError):
-                self._extractor = False  # subclassed model, or a layer called twice
+                inputs = self.model.input  # the structure the model is called with
+            except AttributeError:  # a Sequential model only has the list `inputs`
+                inputs = getattr(self.model, "inputs", None)
+                if inputs is not None and len(inputs) == 1:
+                    inputs = inputs[0]
+            if inputs is None:  # subclassed: the probe is the MoE layers' own input
+                self._extractor = False
+            else:
+                calls = [_calls(layer, self.model) for layer in layers]
+                uncalled = [layer.name for layer, layer_calls in zip(layers, calls)
+                            if not layer_calls]
+                if uncalled:
+                    raise ValueError(
+                        f"RouterTensorBoard cannot compute the probe's inputs of MoE layers "
+                        f"{uncalled}: they are not called by the model's own graph (nested in "
+                        "a sub-model?). Watch the others with layers=[...], or probe=None.")
+                self._extractor = keras.Model(
+                    inputs, [t for layer_calls in calls for call in layer_calls for t in call])
+                self._call_sizes = [[len(call) for call in layer_calls] for layer_calls in calls]
         if self._extractor is False:
-            return [(tf.convert_to_tensor(self.probe), None, {}) for _ in layers]
+            return [[(tf.convert_to_tensor(self.probe), None, {})] for _ in layers]
         outputs = self._extractor(self.probe, training=False)
         if not isinstance(outputs, (list, tuple)):
             outputs = [outputs]
-        triples, start = [], 0
-        for size in self._call_sizes:
-            layer_inputs, *embeddings = outputs[start:start + size]
-            start += size
-            triples.append((tf.convert_to_tensor(layer_inputs),
-                            getattr(layer_inputs, "_keras_mask", None),
-                            dict(zip(["token_embeddings"], embeddings))))
-        return triples
+        per_layer, start = [], 0
+        for sizes in self._call_sizes:
+            triples = []
+            for size in sizes:
+                layer_inputs, *embeddings = outputs[start:start + size]
+                start += size
+                triples.append((tf.convert_to_tensor(layer_inputs),
+                                getattr(layer_inputs, "_keras_mask", None),
+                                dict(zip(["token_embeddings"], embeddings))))
+            per_layer.append(triples)
+        return per_layer
 
     # ------------------------------------------------------------ writing
 
@@ -269,26 +297,31 @@ class RouterTensorBoard(keras.callbacks.Callback):
         if self.probe is None:
             return
         with self._writer("train").as_default():
-            for layer, (inputs, mask, extra) in zip(self._moe_layers(), self._layer_inputs()):
-                try:
-                    routed = layer.route(inputs, mask=mask, training=self.probe_training,
-                                         **extra)
-                except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
-                    raise ValueError(
-                        f"RouterTensorBoard could not route the probe through layer "
-                        f"{layer.name!r} (probe inputs of shape {inputs.shape}): {error}. Give "
-                        "a batch of the model's inputs; for a subclassed model, a batch of the "
-                        "MoE layer's own inputs.") from error
-                for key, value in routed.items():
-                    if key == "gates":
-                        continue
-                    value = np.asarray(value)
-                    if key.endswith("expert_load"):
-                        write_load_histogram(f"{layer.name}/{key}", value, step)
-                    elif value.ndim == 0:
-                        for old, new in _RENAME.items():
-                            key = key.replace(old, new)
-                        write_scalar(f"{layer.name}/probe_{key}", value, step)
+            for layer, calls in zip(self._moe_layers(), self._layer_inputs()):
+                for index, (inputs, mask, extra) in enumerate(calls):
+                    # A shared layer: one set of views per call, `layer/call_i/...`.
+                    prefix = layer.name if len(calls) == 1 else f"{layer.name}/call_{index}"
+                    self._write_routed(layer, prefix, inputs, mask, extra, step)
+
+    def _write_routed(self, layer, prefix, inputs, mask, extra, step):
+        try:
+            routed = layer.route(inputs, mask=mask, training=self.probe_training, **extra)
+        except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
+            raise ValueError(
+                f"RouterTensorBoard could not route the probe through layer "
+                f"{layer.name!r} (probe inputs of shape {inputs.shape}): {error}. Give "
+                "a batch of the model's inputs; for a subclassed model, a batch of the "
+                "MoE layer's own inputs.") from error
+        for key, value in routed.items():
+            if key == "gates":
+                continue
+            value = np.asarray(value)
+            if key.endswith("expert_load"):
+                write_load_histogram(f"{prefix}/{key}", value, step)
+            elif value.ndim == 0:
+                for old, new in _RENAME.items():
+                    key = key.replace(old, new)
+                write_scalar(f"{prefix}/probe_{key}", value, step)
 
     def _write_training_metrics(self, step):
         """The layers' metrics averaged over the batches since the last write."""
