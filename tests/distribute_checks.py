@@ -195,6 +195,29 @@ def check_fit(strategy, name, expert_parallel, jit_compile=False, epochs=6):
           jit=bool(model.jit_compile), **metrics)
 
 
+def check_uneven(strategy, name):
+    """Expert parallel on batches that split unevenly over the replicas.
+
+    predict's last partial batch, a batch smaller than the number of replicas
+    (some replicas get no token) and then an even batch again, against the
+    same weights on one device; then a fit whose last batch is partial.
+    """
+    r = strategy.num_replicas_in_sync
+    x, y = _task(4, r * PER_REPLICA)
+    with strategy.scope():
+        model = _model(LAYERS[name](True))
+        _compile(model)
+    reference = _model(LAYERS[name](False))
+    reference.set_weights(model.get_weights())
+    errors = {}
+    for size in (r * PER_REPLICA - 1, 1, r * PER_REPLICA):
+        got = model.predict(x[:size], batch_size=r * PER_REPLICA, verbose=0)
+        errors[str(size)] = _max_diff(got, reference.predict(x[:size], verbose=0))
+    history = model.fit(x[:-1], y[:-1], batch_size=r * PER_REPLICA, epochs=1, verbose=0)
+    _emit(f"uneven_{name}", replicas=r, errors=errors,
+          fit_finite=bool(np.isfinite(history.history["loss"][-1])))
+
+
 def check_data_parallel_match(strategy, name):
     """evaluate() and one SGD step under `strategy` vs one device, same global batch.
 
@@ -272,6 +295,8 @@ def main(argv):
             check_errors(strategy)
         elif kind in ("fit_dp", "fit_ep", "fit_dp_jit", "fit_ep_jit"):
             check_fit(strategy, arg, kind.startswith("fit_ep"), jit_compile=kind.endswith("jit"))
+        elif kind == "uneven":
+            check_uneven(strategy, arg)
         elif kind == "data_parallel":
             check_data_parallel_match(strategy, arg)
         else:

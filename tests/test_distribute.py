@@ -23,8 +23,9 @@ TOLERANCE = 1e-5
 
 RUNS = {
     2: [f"expert_parallel:{name}" for name in ROUTERS]
-       + ["errors", "data_parallel:top_2", "fit_dp:top_2", "fit_ep:hierarchical"],
-    4: [f"expert_parallel:{name}" for name in ROUTERS] + ["errors"],
+       + ["errors", "data_parallel:top_2", "fit_dp:top_2", "fit_ep:hierarchical"]
+       + [f"uneven:{name}" for name in ROUTERS],
+    4: [f"expert_parallel:{name}" for name in ROUTERS] + ["errors", "uneven:top_2"],
     # XLA under a strategy: TensorFlow cannot jit-compile a step whose
     # replicas are several CPU devices of one process (even a Dense model
     # fails: "Trying to access resource ... located in device CPU:1 from
@@ -80,6 +81,16 @@ def test_expert_parallel_errors(results, devices):
     r = results[devices]["errors"]
     assert f"got {devices + 1} experts and {devices} replicas" in r["divisible"]
     assert "needs a replica context" in r["cross_replica"]
+
+
+@pytest.mark.parametrize("devices, name", [(2, name) for name in ROUTERS] + [(4, "top_2")])
+def test_expert_parallel_takes_batches_that_split_unevenly(results, devices, name):
+    """predict's partial last batch, fewer sequences than replicas, fit's partial last batch."""
+    r = results[devices][f"uneven_{name}"]
+    assert r["replicas"] == devices and r["fit_finite"]
+    assert set(r["errors"]) == {str(2 * devices - 1), "1", str(2 * devices)}
+    for size, error in r["errors"].items():
+        assert error <= TOLERANCE, size
 
 
 def test_data_parallel_matches_single_device(results):

@@ -290,8 +290,10 @@ def run_experts(experts, expert_inputs, *args, expert_parallel=False, num_expert
     has several (`shard_expert_axis`). With `expert_parallel=True`, inside a
     replica context with `r > 1` replicas, replica `i` runs only its `e/r`
     experts on the tokens of every replica, exchanged by two `all_to_all`
-    (see the module docstring). With one replica, or while Keras traces
-    shapes, it runs all experts locally.
+    (see the module docstring); replicas with fewer groups or slots (a batch
+    that splits unevenly) pad their buffers with zero slots to the largest
+    replica's first. With one replica, or while Keras traces shapes, it runs
+    all experts locally.
 
     `experts` must compute expert `i` from row `i` of its inputs and of each
     of its weights: it is called on `[..., e/r, r*g, c, m]` while each weight
@@ -333,6 +335,10 @@ def run_experts(experts, expert_inputs, *args, expert_parallel=False, num_expert
         return _run_sharded(experts, expert_inputs, args, kwargs, variables, num_expert_axes)
 
     num_local = num_experts // replicas
+    # Replicas with fewer tokens (a batch that splits unevenly, as predict's last one) have
+    # fewer groups or slots: every replica pads its buffers to the largest, with zero slots.
+    own = tf.shape(expert_inputs)[num_expert_axes:-1]  # [g, c]
+    expert_inputs = _pad_to_largest(expert_inputs, own, num_expert_axes, context)
     shape = tf.shape(expert_inputs)
     groups, tail = shape[num_expert_axes], shape[num_expert_axes + 1:-1]  # g, [c]
     blocks = tf.reshape(expert_inputs, tf.concat(
@@ -356,7 +362,28 @@ def run_experts(experts, expert_inputs, *args, expert_parallel=False, num_expert
     local_outputs = tf.reshape(local_outputs, tf.concat(
         [[num_local, replicas, groups], tail, width], 0))  # [e/r, r, g, c, n]
     returned = all_to_all(tf.einsum("ergcn->regcn", local_outputs), context)
-    return tf.reshape(returned, tf.concat([expert_shape, [groups], tail, width], 0))
+    returned = tf.reshape(returned, tf.concat([expert_shape, [groups], tail, width], 0))
+    begin = tf.zeros([returned.shape.rank], tf.int32)
+    return tf.slice(returned, begin, tf.concat([expert_shape, own, width], 0))
+
+
+def _pad_to_largest(expert_inputs, own, num_expert_axes, context):
+    """`[E..., g, c, m]` zero-padded to the largest `g` and `c` of all replicas.
+
+    Under a TPUStrategy shapes are static and equal on every replica: nothing
+    to exchange.
+    """
+    if _is_tpu_strategy(_strategy()):
+        return expert_inputs
+    largest = tf.reduce_max(context.all_gather(own[None], axis=0), axis=0)
+    padding = tf.stack([tf.zeros_like(own), largest - own], axis=1)
+    padding = tf.concat([tf.zeros([num_expert_axes, 2], tf.int32), padding,
+                         tf.zeros([1, 2], tf.int32)], 0)
+    padded = tf.pad(expert_inputs, padding)
+    static = expert_inputs.shape
+    padded.set_shape(static[:num_expert_axes] + [None] * (static.rank - num_expert_axes - 1)
+                     + static[-1:])  # the experts read e and m from the static shape
+    return padded
 
 
 def _run_sharded(experts, expert_inputs, args, kwargs, variables, num_expert_axes,
