@@ -150,6 +150,24 @@ def test_hierarchical_dropless_drops_nothing():
     assert float(gather._metric_trackers["dropped"].result()) == 0.0
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_hierarchical_dropless_gather_equals_einsum(training):
+    """The inner level regroups the outer buffers' slots: both paths keep `s` outer slots.
+
+    Four outer experts, so no outer buffer is full; the default "random" second
+    policies draw per slot, so another slot layout would route otherwise.
+    """
+    def make(name):
+        return _hierarchical(name, num_experts=(4, 2), dropless=True,
+                             second_policy_train="random", second_policy_eval="random")
+
+    einsum, gather, _ = _compare(make, training)
+    for key in einsum._metric_trackers:
+        np.testing.assert_allclose(gather._metric_trackers[key].result(),
+                                   einsum._metric_trackers[key].result(), rtol=1e-6, err_msg=key)
+    _compare(make, training, jit_compile=True)
+
+
 def test_dropless_buffers_are_sized_by_the_fullest_expert():
     layer = _moe("switch", "gather", dropless=True, group_size=64)
     x = tf.random.stateless_normal([64, 12], seed=[3, 4])

@@ -208,8 +208,10 @@ class HierarchicalMoELayer(_ThreadLocalLosses, keras.layers.Layer):
             TPUs are visible, else gather), at both levels; see `MoELayer`
             and `tf_moe.dispatch`. Same outputs and gradients either way.
         dropless: bool: no token dropped at either level (capacities `s`
-            and `t`; the gather path sizes the buffers by the fullest expert,
-            except under `jit_compile=True`); see `MoELayer`.
+            and `t`; the gather path sizes the inner buffers by the fullest
+            expert, except under `jit_compile=True`, while the outer buffers
+            keep their `s` slots: the inner level's groups are made of them,
+            so fewer slots would route otherwise); see `MoELayer`.
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -361,8 +363,8 @@ class HierarchicalMoELayer(_ThreadLocalLosses, keras.layers.Layer):
         by_index = dispatch_module.resolve(self.dispatch) == "gather"
         outer_index = None
         if by_index:
-            capacity = dispatch_module.buffer_capacity(
-                outer.expert_slots, capacity, self.dropless and not self.expert_parallel)
+            # Dropless, the outer buffers keep all `s` slots on this path too: the inner
+            # level regroups them, so fewer slots would make other inner groups and routing.
             outer_index, slot_gate = (
                 tf.transpose(t, [1, 0, 2]) for t in dispatch_module.slot_map(
                     outer.expert_slots, outer.expert_gates, capacity))  # [x, g, c]
