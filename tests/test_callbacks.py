@@ -227,5 +227,37 @@ def test_a_layer_nested_in_a_sub_model_is_a_clear_error(tmp_path):
     model = keras.Sequential([keras.Input((8, 8)), inner, keras.layers.Dense(1)])
     with pytest.raises(ValueError, match=r"\['moe'\].*nested in a sub-model"):
         _fit(model, [tf_moe.RouterTensorBoard(tmp_path, probe=x[:4])], epochs=1)
+    assert not (tmp_path / "train").exists()  # said before training, not after an epoch
     _fit(model, [tf_moe.RouterTensorBoard(tmp_path)], epochs=1)  # no probe: metrics only
     assert "moe/dropped" in read_events(tmp_path / "train")
+
+
+def test_a_sequential_also_called_by_another_model_probes_its_own_graph(tmp_path):
+    x, _ = _data()
+    model = keras.Sequential([keras.Input((8, 8)), keras.layers.Dense(8, name="before"),
+                              tf_moe.MoELayer(4, name="moe", seed=0), keras.layers.Dense(1)])
+    outer_inputs = keras.Input((8, 8))
+    keras.Model(outer_inputs, model(outer_inputs))  # the Sequential's first call is this one
+    _fit(model, [tf_moe.RouterTensorBoard(tmp_path, probe=x[:8])], epochs=1)
+    load = read_events(tmp_path / "train")["moe/expert_load"][-1][2][:, 2]
+    routed = model.get_layer("moe").route(model.get_layer("before")(x[:8]))
+    np.testing.assert_allclose(load, routed["expert_load"], rtol=1e-5)
+
+
+class SubclassedMoE(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.moe = tf_moe.MoELayer(4, name="moe", seed=0)
+        self.head = keras.layers.Dense(1)
+
+    def call(self, inputs):
+        return self.head(self.moe(inputs))
+
+
+def test_a_subclassed_model_routes_the_probe_as_the_layers_input(tmp_path):
+    x, _ = _data()
+    model = SubclassedMoE()
+    model(keras.Input((8, 8)))  # a symbolic call, as for summary(): no graph of layers
+    _fit(model, [tf_moe.RouterTensorBoard(tmp_path, probe=x[:8])], epochs=1)
+    load = read_events(tmp_path / "train")["moe/expert_load"][-1][2][:, 2]
+    np.testing.assert_allclose(load, model.moe.route(x[:8])["expert_load"], rtol=1e-5)

@@ -218,7 +218,7 @@ class RouterTensorBoard(keras.callbacks.Callback):
         self._writers = {}
         self._layers = None
         self._extractor = None  # model inputs -> the MoE layers' inputs
-        self._call_sizes = []  # per layer: 1 tensor, or 2 with token embeddings
+        self._call_sizes = []  # per layer, per call: 1 tensor, or 2 with token embeddings
         self._previous = {}  # (layer, key) -> (total, count) at the previous write
         self._batches = 0
 
@@ -238,6 +238,29 @@ class RouterTensorBoard(keras.callbacks.Callback):
             self._layers = layers
         return self._layers
 
+    def _build_extractor(self, layers):
+        """The sub-model from the model's inputs to every call's inputs of `layers`.
+
+        False for a model that is not a graph of layers (subclassed): the
+        probe is then the MoE layers' own input.
+        """
+        graph = getattr(self.model, "_functional", None) or self.model  # Sequential: inner one
+        if getattr(graph, "_nodes_by_depth", None) is None:
+            self._extractor = False
+            return
+        calls = [_calls(layer, self.model) for layer in layers]
+        uncalled = [layer.name for layer, layer_calls in zip(layers, calls) if not layer_calls]
+        if uncalled:
+            raise ValueError(
+                f"RouterTensorBoard cannot compute the probe's inputs of MoE layers "
+                f"{uncalled}: the model's graph does not call them (nested in a sub-model, "
+                "or on a branch the outputs do not use?). Watch the others with "
+                "layers=[...], or give no probe.")
+        inputs = graph._inputs_struct  # the structure the model is called with
+        self._extractor = keras.Model(
+            inputs, [t for layer_calls in calls for call in layer_calls for t in call])
+        self._call_sizes = [[len(call) for call in layer_calls] for layer_calls in calls]
+
     def _layer_inputs(self):
         """The probe as each MoE layer sees it now: per layer, `(inputs, mask, extra)` per call.
 
@@ -249,26 +272,7 @@ class RouterTensorBoard(keras.callbacks.Callback):
         """
         layers = self._moe_layers()
         if self._extractor is None:
-            try:
-                inputs = self.model.input  # the structure the model is called with
-            except AttributeError:  # a Sequential model only has the list `inputs`
-                inputs = getattr(self.model, "inputs", None)
-                if inputs is not None and len(inputs) == 1:
-                    inputs = inputs[0]
-            if inputs is None:  # subclassed: the probe is the MoE layers' own input
-                self._extractor = False
-            else:
-                calls = [_calls(layer, self.model) for layer in layers]
-                uncalled = [layer.name for layer, layer_calls in zip(layers, calls)
-                            if not layer_calls]
-                if uncalled:
-                    raise ValueError(
-                        f"RouterTensorBoard cannot compute the probe's inputs of MoE layers "
-                        f"{uncalled}: they are not called by the model's own graph (nested in "
-                        "a sub-model?). Watch the others with layers=[...], or probe=None.")
-                self._extractor = keras.Model(
-                    inputs, [t for layer_calls in calls for call in layer_calls for t in call])
-                self._call_sizes = [[len(call) for call in layer_calls] for layer_calls in calls]
+            self._build_extractor(layers)
         if self._extractor is False:
             return [[(tf.convert_to_tensor(self.probe), None, {})] for _ in layers]
         outputs = self._extractor(self.probe, training=False)
@@ -361,6 +365,8 @@ class RouterTensorBoard(keras.callbacks.Callback):
         if not self._moe_layers():
             raise ValueError("RouterTensorBoard: the model has no MoELayer or "
                              "HierarchicalMoELayer.")
+        if self.probe is not None and getattr(self.model, "built", False):
+            self._build_extractor(self._layers)  # errors now, not after an epoch
 
     def on_epoch_begin(self, epoch, logs=None):
         self._previous = {}
