@@ -37,19 +37,19 @@ MODEL_DIM, LENGTH, PER_REPLICA = 8, 16, 2  # per replica: 2 sequences of 16 toke
 # capacity small enough to drop tokens, and a group per sequence.
 LAYERS = {
     "top_2": lambda ep, **kw: tf_moe.MoELayer(
-        num_experts=4, expert_hidden_dim=16, group_size=8, capacity_factor_train=1.0,
+        num_experts=4, expert_hidden_dim=16, group_size=kw.pop("group_size", 8), capacity_factor_train=1.0,
         min_expert_capacity=2, second_policy_train="all", second_policy_eval="all",
         z_loss_coef=1e-1, seed=1,
         expert_parallel=ep, **kw),
     "switch": lambda ep, **kw: tf_moe.MoELayer(
-        num_experts=8, expert_hidden_dim=16, router="switch", group_size=8,
+        num_experts=8, expert_hidden_dim=16, router="switch", group_size=kw.pop("group_size", 8),
         capacity_factor_train=1.0, min_expert_capacity=1, switch_policy_train="argmax",
         seed=2, expert_parallel=ep, **kw),
     "expert_selection": lambda ep, **kw: tf_moe.MoELayer(
-        num_experts=4, expert_hidden_dim=16, router="expert_selection", group_size=8,
+        num_experts=4, expert_hidden_dim=16, router="expert_selection", group_size=kw.pop("group_size", 8),
         switch_policy_train="argmax", min_expert_capacity=2, seed=3, expert_parallel=ep, **kw),
     "hierarchical": lambda ep, **kw: tf_moe.HierarchicalMoELayer(
-        num_experts=(2, 4), expert_hidden_dim=16, group_size=8, second_policy_train="all",
+        num_experts=(2, 4), expert_hidden_dim=16, group_size=kw.pop("group_size", 8), second_policy_train="all",
         second_policy_eval="all",
         min_expert_capacity=2, z_loss_coef=1e-1, seed=4, expert_parallel=ep, **kw),
 }
@@ -195,6 +195,13 @@ def check_fit(strategy, name, expert_parallel, jit_compile=False, epochs=6):
           jit=bool(model.jit_compile), **metrics)
 
 
+def _replica_sizes(strategy, size):
+    """How many of a batch of `size` sequences each replica gets, in replica order."""
+    batch = next(iter(strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices(np.zeros(size)).batch(size))))
+    return [int(t.shape[0]) for t in strategy.experimental_local_results(batch)]
+
+
 def check_uneven(strategy, name):
     """Expert parallel on batches that split unevenly over the replicas.
 
@@ -204,15 +211,22 @@ def check_uneven(strategy, name):
     """
     r = strategy.num_replicas_in_sync
     x, y = _task(4, r * PER_REPLICA)
-    with strategy.scope():
-        model = _model(LAYERS[name](True))
-        _compile(model)
-    reference = _model(LAYERS[name](False))
-    reference.set_weights(model.get_weights())
     errors = {}
-    for size in (r * PER_REPLICA - 1, 1, r * PER_REPLICA):
-        got = model.predict(x[:size], batch_size=r * PER_REPLICA, verbose=0)
-        errors[str(size)] = _max_diff(got, reference.predict(x[:size], verbose=0))
+    # Groups of 8 tokens: replicas differ in their number of groups. Groups of two
+    # sequences: a replica with one sequence has a smaller group, hence fewer slots.
+    for group_size in (8, 2 * LENGTH):
+        with strategy.scope():
+            model = _model(LAYERS[name](True, group_size=group_size))
+            _compile(model)
+        reference = _model(LAYERS[name](False, group_size=group_size))
+        reference.set_weights(model.get_weights())
+        for size in (r * PER_REPLICA - 1, 1, r * PER_REPLICA):
+            got = model.predict(x[:size], batch_size=r * PER_REPLICA, verbose=0)
+            # Each replica groups its own sequences: one device on each replica's share.
+            bounds = np.cumsum([0] + _replica_sizes(strategy, size))
+            expected = np.concatenate([reference.predict(x[a:b], verbose=0)
+                                       for a, b in zip(bounds[:-1], bounds[1:]) if b > a])
+            errors[f"{group_size}/{size}"] = _max_diff(got, expected)
     history = model.fit(x[:-1], y[:-1], batch_size=r * PER_REPLICA, epochs=1, verbose=0)
     _emit(f"uneven_{name}", replicas=r, errors=errors,
           fit_finite=bool(np.isfinite(history.history["loss"][-1])))

@@ -249,7 +249,10 @@ def test_random_draws_are_tensorflows_with_and_without_xla(jit_compile):
     ("top_2", dict(second_threshold_train=0.9)),  # the "random" second policy
     ("noisy_top_k", {}),  # Gaussian noise
     ("top_n", {}),  # the "random" policy of the third choice: a salted stream
-    ("switch", dict(use_second_place_expert_prob=0.5)),  # two salted streams
+    # Two salted streams (exploration, then sampling at a temperature), in training only;
+    # a negative layer seed gives training seeds a negative half too.
+    ("switch", dict(use_second_place_expert_prob=0.5, use_second_place_expert_prob_temp=1.0,
+                    seed=-9)),
 ], ids=["jitter", "expert_selection", "dropout", "sample", "top_2_random", "noisy_top_k",
         "top_n_salted", "switch_salted"])
 @pytest.mark.parametrize("training", [True, False])  # inference seeds have a negative half
@@ -257,8 +260,9 @@ def test_random_policies_draw_the_same_under_jit_compile(router, kwargs, trainin
     x = np.random.default_rng(0).normal(size=(4, 16, 6)).astype("float32")
     if not training:  # the same policies at evaluation
         kwargs = {key.replace("_train", "_eval"): value for key, value in kwargs.items()}
-    eager = tf_moe.MoELayer(num_experts=4, router=router, seed=9, **kwargs)
-    compiled = tf_moe.MoELayer(num_experts=4, router=router, seed=9, **kwargs)
+    kwargs = dict(dict(seed=9), **kwargs)
+    eager = tf_moe.MoELayer(num_experts=4, router=router, **kwargs)
+    compiled = tf_moe.MoELayer(num_experts=4, router=router, **kwargs)
     route = tf.function(lambda x: compiled.route(x, training=training)["gates"],
                         jit_compile=True)
     for _ in range(2):  # in training, fresh draws at each step, the same in both

@@ -370,8 +370,8 @@ def run_experts(experts, expert_inputs, *args, expert_parallel=False, num_expert
 def _pad_to_largest(expert_inputs, own, num_expert_axes, context):
     """`[E..., g, c, m]` zero-padded to the largest `g` and `c` of all replicas.
 
-    Under a TPUStrategy shapes are static and equal on every replica: nothing
-    to exchange.
+    Not under a TPUStrategy, which compiles static shapes: there the batches
+    must split evenly (`drop_remainder=True`); not run on a TPU.
     """
     if _is_tpu_strategy(_strategy()):
         return expert_inputs

@@ -490,8 +490,8 @@ class MoELayer(_ThreadLocalLosses, keras.layers.Layer):
             buffers by the fullest expert of the batch (a dynamic shape), so
             the experts compute on about `k * s * max_load / e` slots per
             expert. XLA needs static shapes, so under `jit_compile=True` (and
-            on the einsum path, and with `expert_parallel`, whose replicas
-            exchange buffers of one shape) the buffers have `s` slots per expert:
+            on the einsum path, and with `expert_parallel`, not sized
+            dynamically across replicas) the buffers have `s` slots per expert:
             nothing is dropped but the experts run on `e * s` slots. The
             capacity factors are then unused. Not for `"expert_selection"`,
             whose experts pick tokens (it has no capacity overflow to avoid).
