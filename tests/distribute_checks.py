@@ -34,25 +34,30 @@ import tf_moe  # noqa: E402
 MODEL_DIM, LENGTH, PER_REPLICA = 8, 16, 2  # per replica: 2 sequences of 16 tokens
 
 # Deterministic routing in training (no random second choice, no jitter), a
-# capacity small enough to drop tokens, and a group per sequence.
+# capacity small enough to drop tokens; groups of 8 tokens unless said (see _layer).
 LAYERS = {
     "top_2": lambda ep, **kw: tf_moe.MoELayer(
-        num_experts=4, expert_hidden_dim=16, group_size=kw.pop("group_size", 8), capacity_factor_train=1.0,
+        num_experts=4, expert_hidden_dim=16, capacity_factor_train=1.0,
         min_expert_capacity=2, second_policy_train="all", second_policy_eval="all",
         z_loss_coef=1e-1, seed=1,
         expert_parallel=ep, **kw),
     "switch": lambda ep, **kw: tf_moe.MoELayer(
-        num_experts=8, expert_hidden_dim=16, router="switch", group_size=kw.pop("group_size", 8),
+        num_experts=8, expert_hidden_dim=16, router="switch",
         capacity_factor_train=1.0, min_expert_capacity=1, switch_policy_train="argmax",
         seed=2, expert_parallel=ep, **kw),
     "expert_selection": lambda ep, **kw: tf_moe.MoELayer(
-        num_experts=4, expert_hidden_dim=16, router="expert_selection", group_size=kw.pop("group_size", 8),
+        num_experts=4, expert_hidden_dim=16, router="expert_selection",
         switch_policy_train="argmax", min_expert_capacity=2, seed=3, expert_parallel=ep, **kw),
     "hierarchical": lambda ep, **kw: tf_moe.HierarchicalMoELayer(
-        num_experts=(2, 4), expert_hidden_dim=16, group_size=kw.pop("group_size", 8), second_policy_train="all",
+        num_experts=(2, 4), expert_hidden_dim=16, second_policy_train="all",
         second_policy_eval="all",
         min_expert_capacity=2, z_loss_coef=1e-1, seed=4, expert_parallel=ep, **kw),
 }
+
+
+def _layer(kind, expert_parallel, group_size=8, **kwargs):
+    """A layer of `LAYERS[kind]`; `kwargs` are more layer arguments (e.g. its `name`)."""
+    return LAYERS[kind](expert_parallel, group_size=group_size, **kwargs)
 
 
 def _emit(check, **values):
@@ -67,7 +72,7 @@ def _max_diff(a, b):
 
 def _pair(name):
     """The single-device layer and an expert-parallel twin with the same weights."""
-    single, parallel = LAYERS[name](False), LAYERS[name](True)
+    single, parallel = _layer(name, False), _layer(name, True)
     single.build((None, LENGTH, MODEL_DIM))
     parallel.build((None, LENGTH, MODEL_DIM))
     parallel.set_weights(single.get_weights())
@@ -183,7 +188,7 @@ def check_fit(strategy, name, expert_parallel, jit_compile=False, epochs=6):
     x, y = _task(16, r * PER_REPLICA)
     with strategy.scope():
         keras.utils.set_random_seed(0)
-        model = _model(LAYERS[name](expert_parallel))
+        model = _model(_layer(name, expert_parallel))
         _compile(model, keras.optimizers.Adam(1e-2), jit_compile=jit_compile)
     history = model.fit(x, y, batch_size=r * PER_REPLICA, epochs=epochs, verbose=0,
                         shuffle=False)
@@ -216,9 +221,9 @@ def check_uneven(strategy, name):
     # sequences: a replica with one sequence has a smaller group, hence fewer slots.
     for group_size in (8, 2 * LENGTH):
         with strategy.scope():
-            model = _model(LAYERS[name](True, group_size=group_size))
+            model = _model(_layer(name, True, group_size=group_size))
             _compile(model)
-        reference = _model(LAYERS[name](False, group_size=group_size))
+        reference = _model(_layer(name, False, group_size=group_size))
         reference.set_weights(model.get_weights())
         for size in (r * PER_REPLICA - 1, 1, r * PER_REPLICA):
             got = model.predict(x[:size], batch_size=r * PER_REPLICA, verbose=0)
@@ -241,10 +246,10 @@ def check_data_parallel_match(strategy, name):
     r = strategy.num_replicas_in_sync
     x, y = _task(1, r * PER_REPLICA, seed=1)
     keras.utils.set_random_seed(0)
-    single = _model(LAYERS[name](False, name="moe"))
+    single = _model(_layer(name, False, name="moe"))
     _compile(single, keras.optimizers.SGD(0.1))
     with strategy.scope():
-        replicated = _model(LAYERS[name](False, name="moe"))
+        replicated = _model(_layer(name, False, name="moe"))
         _compile(replicated, keras.optimizers.SGD(0.1))
     replicated.set_weights(single.get_weights())
     kwargs = dict(batch_size=r * PER_REPLICA, verbose=0, return_dict=True)
@@ -256,7 +261,7 @@ def check_data_parallel_match(strategy, name):
         float(layer.route(x[i * PER_REPLICA:(i + 1) * PER_REPLICA])[f"{prefix}max_load"])
         for i in range(r)])
     with strategy.scope():  # the same with expert parallelism
-        parallel = _model(LAYERS[name](True, name="moe"))
+        parallel = _model(_layer(name, True, name="moe"))
         _compile(parallel, keras.optimizers.SGD(0.1))
     parallel.set_weights(single.get_weights())
     ev_parallel = parallel.evaluate(x, y, **kwargs)
@@ -285,7 +290,7 @@ def run_worker(path, expert_parallel=False):
         options)
     with strategy.scope():
         keras.utils.set_random_seed(0)
-        model = _model(LAYERS["top_2"](expert_parallel))
+        model = _model(_layer("top_2", expert_parallel))
         _compile(model, keras.optimizers.Adam(1e-2))
     history = model.fit(dataset, epochs=2, verbose=0)
     weights = model.get_weights()
