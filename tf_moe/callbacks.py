@@ -103,20 +103,17 @@ def write_load_histogram(tag, load, step):
                                  metadata=_HISTOGRAM_METADATA))
 
 
-def _calls(layer, model):
-    """The symbolic `[inputs]` or `[inputs, token_embeddings]` of each call of `layer` in `model`.
+def _calls(layer, graph):
+    """The symbolic `[inputs]` or `[inputs, token_embeddings]` of each call of `layer` in `graph`.
 
-    A layer shared by several calls of the model gives one list per call, in
-    the order of the calls; calls in other models (the layer reused
-    elsewhere) are left out.
+    `graph`: a Functional model (a Sequential's inner one). A layer shared by
+    several calls of the graph gives one list per call, in the order of the
+    calls; calls in other models (the layer reused elsewhere) are left out.
     """
-    graph = getattr(model, "_functional", None) or model  # a Sequential wraps a Functional
-    by_depth = getattr(graph, "_nodes_by_depth", None)
-    in_model = None if by_depth is None else {
-        id(node) for nodes in by_depth.values() for node in nodes}
+    in_graph = {id(node) for nodes in graph._nodes_by_depth.values() for node in nodes}
     calls = []
     for node in layer._inbound_nodes:
-        if in_model is not None and id(node) not in in_model:
+        if id(node) not in in_graph:
             continue
         arguments = node.arguments
         call = inspect.signature(layer.call).bind_partial(
@@ -248,7 +245,7 @@ class RouterTensorBoard(keras.callbacks.Callback):
         if getattr(graph, "_nodes_by_depth", None) is None:
             self._extractor = False
             return
-        calls = [_calls(layer, self.model) for layer in layers]
+        calls = [_calls(layer, graph) for layer in layers]
         uncalled = [layer.name for layer, layer_calls in zip(layers, calls) if not layer_calls]
         if uncalled:
             raise ValueError(
