@@ -2,14 +2,17 @@
 
 Run once per file format worth keeping, with the version it names:
     python tests/data/make_data.py
-It saves `moe_v0_1.keras` (a Sequential with a MoELayer and a
-HierarchicalMoELayer, trained one epoch) and `moe_v0_1.json` (inputs and the
-outputs that model gave when it was saved). Do not regenerate the files for a
-newer version: add new ones beside them.
+It saves `moe_v{major}_{minor}.keras` (a Sequential with a MoELayer and a
+HierarchicalMoELayer, trained one epoch) and `moe_v{major}_{minor}.json`
+(inputs and the outputs that model gave when it was saved), named from the
+installed `tf_moe.__version__` (0.1.0 wrote `moe_v0_1.*`). It refuses to
+overwrite either file: the files of an older version stay as they were saved,
+and a newer version adds its own beside them.
 """
 
 import json
 import os
+import re
 
 import keras
 import numpy as np
@@ -19,7 +22,24 @@ import tf_moe
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def data_paths(version):
+    """`(model, probe)` paths for a version string: "0.10.2" -> moe_v0_10.keras, moe_v0_10.json."""
+    match = re.match(r"(\d+)\.(\d+)(?:\D|$)", version)
+    if not match:
+        raise ValueError(f"tf_moe.__version__ must start with major.minor, got {version!r}")
+    stem = os.path.join(HERE, f"moe_v{int(match[1])}_{int(match[2])}")
+    return stem + ".keras", stem + ".json"
+
+
 def main():
+    model_path, probe_path = data_paths(tf_moe.__version__)
+    existing = [path for path in (model_path, probe_path) if os.path.exists(path)]
+    if existing:
+        names = " and ".join(os.path.basename(path) for path in existing)
+        raise SystemExit(
+            f"make_data.py: {names} already {'exist' if len(existing) > 1 else 'exists'} in "
+            f"{HERE}: the files of tf_moe {tf_moe.__version__} were saved once and are not "
+            "overwritten. Delete them by hand only if they were never committed.")
     keras.utils.set_random_seed(0)
     model = keras.Sequential([
         keras.Input((8, 6)),
@@ -32,9 +52,9 @@ def main():
     model.compile("adam", "mse")
     x = np.random.default_rng(0).normal(size=(16, 8, 6)).astype("float32")
     model.fit(x, x[..., :3], epochs=1, verbose=0)
-    model.save(os.path.join(HERE, f"moe_v{tf_moe.__version__[:3].replace('.', '_')}.keras"))
+    model.save(model_path)
     probe = x[:3]
-    with open(os.path.join(HERE, "moe_v0_1.json"), "w") as f:
+    with open(probe_path, "x") as f:
         json.dump({"tf_moe": tf_moe.__version__, "inputs": probe.tolist(),
                    "outputs": model.predict(probe, verbose=0).tolist()}, f)
 
