@@ -17,11 +17,14 @@ round-off):
   `[g, s, e]` map of slots. Best on CPU and GPU.
 
 `"auto"` (the layers' default) picks einsum when TPUs are visible and gather
-otherwise. Gradients reach the router through the gates only; the slot
+otherwise. A layer chooses once per call with a `DispatchPlan`, which both
+layers use for dispatch and for combine. Gradients reach the router through the gates only; the slot
 indices are integers.
 """
 
 import tensorflow as tf
+
+from tf_moe import _compat
 
 DISPATCHES = ("auto", "einsum", "gather")
 
@@ -54,11 +57,7 @@ def in_xla_context():
     >>> in_xla_context()
     False
     """
-    try:
-        from tensorflow.python.ops import control_flow_util  # noqa: PLC0415
-    except ImportError:  # pragma: no cover - private module moved
-        return False
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    return _compat.in_xla_context()
 
 
 def einsum_dispatch(tokens, dispatch_tensor):
@@ -255,3 +254,81 @@ def buffer_capacity(expert_slots, capacity, dropless):
     if not dropless or in_xla_context():
         return capacity
     return tf.maximum(tf.reduce_max(expert_slots) + 1, 1)
+
+
+# Einsum strings of the two layouts: one group axis (`MoELayer`, the outer level of
+# `HierarchicalMoELayer`), and a batch axis of outer expert groups before it (the inner level).
+_EINSUM = {
+    0: ("gsec,gsm->egcm", "gsec,egcn->gsn", "gsec->egc"),
+    1: ("xhtyd,xhtm->xyhdm", "xhtyd,xyhdn->xhtn", "xhtyd->xyhd"),
+}
+
+
+class DispatchPlan:
+    """How the tokens of one routing result reach the experts' buffers and come back.
+
+    Chosen once per call, then used for dispatch and for combine, so the two
+    always take the same path. With `batch_dims=0` the result is `[g, s, e]`
+    and the buffers `[e, g, c, m]`; with `batch_dims=1` (the hierarchical
+    layer's inner level) the result is `[x, h, t, y]` and the buffers
+    `[x, y, h, d, m]`: the batch axis stays first.
+
+    Args:
+        result: a `RoutingResult`.
+        dispatch: `"einsum"`, `"gather"` or `"auto"` (see `resolve`).
+        batch_dims: 0 or 1, the leading axes kept before the expert axis.
+        dropless: bool: on the gather path outside XLA, size the buffers by
+            the fullest expert (`buffer_capacity`) instead of `c`.
+
+    Example:
+    >>> r = tf_moe.routing.switch_gating(tf.random.normal([2, 8, 4]), 4, policy="argmax")
+    >>> plan = DispatchPlan(r, "gather")
+    >>> buffers = plan.dispatch(tf.ones([2, 8, 16]))  # [e, g, c, m]
+    >>> buffers.shape, plan.combine(buffers).shape  # [g, s, m]
+    (TensorShape([4, 2, 4, 16]), TensorShape([2, 8, 16]))
+    """
+
+    def __init__(self, result, dispatch="auto", *, batch_dims=0, dropless=False):
+        self.result = result
+        self.batch_dims = batch_dims
+        self.by_index = resolve(dispatch) == "gather"
+        self._into, self._back, self._gates = _EINSUM[batch_dims]
+        if self.by_index:
+            capacity = buffer_capacity(result.expert_slots, result.expert_capacity, dropless)
+            token_index, slot_gates = slot_map(result.expert_slots, result.expert_gates,
+                                               capacity)  # [..., g, e, c]
+            rank = token_index.shape.rank
+            # [*batch, g, e, c] -> [*batch, e, g, c]
+            perm = list(range(batch_dims)) + [rank - 2] + list(range(batch_dims, rank - 2)) + [
+                rank - 1]
+            self.token_index = tf.transpose(token_index, perm)
+            self._slot_gates = tf.transpose(slot_gates, perm)
+
+    def dispatch(self, tokens):
+        """The expert buffers: `[g, s, m]` -> `[e, g, c, m]` (`[x, h, t, m]` -> `[x, y, h, d, m]`)."""
+        if self.by_index:
+            return gather_dispatch(tokens, self.token_index)
+        dispatch_tensor = self.result.dense()[0]
+        return tf.einsum(self._into, tf.cast(dispatch_tensor, tokens.dtype), tokens)
+
+    def combine(self, expert_outputs):
+        """The tokens' outputs: `[e, g, c, n]` -> `[g, s, n]` (`[x, y, h, d, n]` -> `[x, h, t, n]`)."""
+        if not self.by_index:
+            combine_tensor = self.result.dense()[1]
+            return tf.einsum(self._back, tf.cast(combine_tensor, expert_outputs.dtype),
+                             expert_outputs)
+        slots = self.result.expert_slots  # [..., s, e]
+        token_shape = _shape(slots)[:-1]
+        num_tokens = 1
+        for dim in token_shape:
+            num_tokens = num_tokens * dim
+        combined = scatter_combine(expert_outputs, self.token_index, self._slot_gates,
+                                   num_tokens)  # [tokens, n]
+        width = combined.shape[-1] if combined.shape[-1] is not None else tf.shape(combined)[-1]
+        return tf.reshape(combined, token_shape + [width])
+
+    def slot_gates(self):
+        """Each buffer slot's gate, 0 where empty: `[e, g, c]` (`[x, y, h, d]`)."""
+        if self.by_index:
+            return self._slot_gates
+        return tf.einsum(self._gates, self.result.dense()[1])

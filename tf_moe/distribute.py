@@ -54,15 +54,12 @@ import itertools
 
 import keras
 import tensorflow as tf
-from keras.src.backend.common.stateless_scope import get_stateless_scope, in_stateless_scope
-from keras.src.backend.common.symbolic_scope import in_symbolic_scope
-from tensorflow.python.distribute import cross_device_utils
-from tensorflow.python.ops import collective_ops
-from tensorflow.python.tpu.ops import tpu_ops
+
+from tf_moe import _compat
 
 # Group keys of the NCCL all-to-all: far above the keys the strategies use
 # (they start at 1), the same on every worker because it is a constant.
-_COLLECTIVE_KEYS = cross_device_utils.CollectiveKeys(group_key_start=1 << 20)
+_COLLECTIVE_KEYS = _compat.collective_keys(group_key_start=1 << 20)
 
 
 def _strategy():
@@ -79,7 +76,7 @@ def tpu_cores_per_replica(strategy=None):
     strategy = strategy or _strategy()
     if not _is_tpu_strategy(strategy):
         return 1
-    return int(strategy.extended._tpu_devices.shape[1])  # no public accessor
+    return int(_compat.tpu_devices(strategy).shape[1])
 
 
 def all_to_all_implementation(strategy=None):
@@ -107,17 +104,15 @@ def _exchange(blocks, context, implementation):
     """The all-to-all without a gradient: `blocks[j]` goes to replica `j`."""
     r = context.num_replicas_in_sync
     if implementation == "tpu":
-        return tpu_ops.all_to_all(blocks, concat_dimension=0, split_dimension=0,
-                                  split_count=r)
+        return _compat.tpu_all_to_all(blocks, split_count=r)
     if implementation == "nccl":
         devices = tuple(_strategy().extended.worker_devices)
         group_key = _COLLECTIVE_KEYS.get_group_key(devices)
         device = devices[_local_replica_index(context, len(devices))]
         instance_key = _COLLECTIVE_KEYS.get_instance_key(group_key, device)
         with tf.device(device):
-            return collective_ops.all_to_all_v2(
-                blocks, group_size=r, group_key=group_key, instance_key=instance_key,
-                communication_hint="nccl")
+            return _compat.collective_all_to_all(
+                blocks, group_size=r, group_key=group_key, instance_key=instance_key)
     # Portable: everyone gathers everyone's blocks [r (from), r (to), ...]
     # and keeps the column addressed to it.
     gathered = context.all_gather(blocks[None], axis=0)  # [r, r, ...]
@@ -198,7 +193,7 @@ def _substituted(experts, values):
     (the dropout seed generator) are applied when the block ends, and an
     enclosing stateless scope keeps working.
     """
-    outer = get_stateless_scope() if in_stateless_scope() else None
+    outer = _compat.get_stateless_scope() if _compat.in_stateless_scope() else None
     scope = keras.StatelessScope()
     if outer is not None:
         scope.state_mapping.update(outer.state_mapping)
@@ -393,7 +388,7 @@ def _run_sharded(experts, expert_inputs, args, kwargs, variables, num_expert_axe
     `variables` is a list of variables, or of `(variable, value)` pairs read
     instead of the variables when `substitute` is True.
     """
-    if tpu_cores_per_replica() == 1 or in_symbolic_scope():
+    if tpu_cores_per_replica() == 1 or _compat.in_symbolic_scope():
         if not substitute:
             return experts(expert_inputs, *args, **kwargs)
         with _substituted(experts, variables):

@@ -1,9 +1,10 @@
 """Experts: `e` feed-forward networks evaluated together with batched matmuls."""
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from tf_moe import dispatch, routing, seeding
+from tf_moe import _checks, dispatch, seeding
 
 
 _TRUNCATED_NORMAL_STDDEV = 0.87962566103423978  # std of a unit normal truncated at 2
@@ -68,6 +69,16 @@ def expert_matmul(x, w):
     return tf.matmul(x, w)
 
 
+def _flat_experts(weight, num_expert_axes):
+    """A weight `[E..., a, b]` as `[prod(E), a, b]`, statically sized where known."""
+    weight = tf.convert_to_tensor(weight)  # a weight: its value here (a replica's slice)
+    if num_expert_axes == 1:
+        return weight
+    leading = weight.shape[:num_expert_axes]
+    experts = -1 if None in leading else int(np.prod(leading))
+    return tf.reshape(weight, [experts] + weight.shape[num_expert_axes:].as_list())
+
+
 @keras.saving.register_keras_serializable(package="tf_moe")
 class FeedForwardExperts(keras.layers.Layer):
     """`e` two-layer feed-forward experts, batched: `[e, ..., m] -> [e, ..., n]`.
@@ -77,10 +88,12 @@ class FeedForwardExperts(keras.layers.Layer):
     hidden layer is gated as Mesh-TF's activation lists (GLU): one input kernel
     `wi_k [e, m, h]` per activation and `h = prod_k act_k(x @ wi_k)`, so
     `activation=["gelu", "linear"]` gives `(gelu(x wi_0) * (x wi_1)) wo`.
+    With `num_experts=(x, y)` (the hierarchical layer's) the experts have two
+    axes: inputs `[x, y, ..., m]`, kernels `[x, y, m, h]` and `[x, y, h, n]`.
 
     Args:
-        num_experts: `e`, int >= 1.
-        hidden_dim: `h`, int >= 1.
+        num_experts: `e`, int >= 1, or a tuple of them for several expert axes.
+        hidden_dim: `h`, int >= 1; None for `4 * m`.
         activation: an activation name or callable, or a list of them (GLU).
         output_dim: `n`; default: the input width `m`.
         dropout_rate: dropout on the hidden layer in training (Mesh-TF's
@@ -89,7 +102,9 @@ class FeedForwardExperts(keras.layers.Layer):
             normal with variance `1 / fan_in` of one expert (`1/m` for `wi`,
             `1/h` for `wo`); Mesh-TF's dense layers truncate without
             rescaling, so theirs is 0.77 times that variance.
-        seed: int or None, seeds the kernels (each its own seed) and the dropout.
+        seed: int or None, seeds the kernels (kernel `k` with `seed + 1 + k`)
+            and the dropout.
+        dropout_seed: int or None, the dropout's own seed; default `seed`.
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -105,30 +120,28 @@ class FeedForwardExperts(keras.layers.Layer):
     TensorShape([4, 2, 8, 16])
     """
 
-    @routing._python_numbers
+    @_checks.python_numbers
     def __init__(self, num_experts, hidden_dim, activation="relu", output_dim=None,
-                 dropout_rate=0.0, kernel_initializer=None, seed=None, **kwargs):
+                 dropout_rate=0.0, kernel_initializer=None, seed=None, dropout_seed=None,
+                 **kwargs):
         super().__init__(**kwargs)
-        routing._check_int("num_experts", num_experts, 1)
-        routing._check_int("hidden_dim", hidden_dim, 1)
-        routing._check_int("output_dim", output_dim, 1, allow_none=True)
-        if not (isinstance(dropout_rate, (int, float)) and 0.0 <= dropout_rate < 1.0):
-            raise ValueError(f"dropout_rate must be a float in [0, 1), got {dropout_rate!r}.")
-        self.num_experts = num_experts
+        self.expert_shape = tuple(num_experts) if isinstance(num_experts, (tuple, list)) else (
+            num_experts,)
+        for count in self.expert_shape:
+            _checks.check_int("num_experts", count, 1)
+        _checks.check_int("hidden_dim", hidden_dim, 1, allow_none=True)
+        _checks.check_int("output_dim", output_dim, 1, allow_none=True)
+        _checks.check_rate("dropout_rate", dropout_rate)
+        self.num_experts = num_experts if len(self.expert_shape) == 1 else self.expert_shape
         self.hidden_dim = hidden_dim
         self.activation = activation
-        names = activation if isinstance(activation, (list, tuple)) else [activation]
-        if not names:
-            raise ValueError("activation must be a name, a callable or a non-empty list.")
-        try:
-            self._activations = [keras.activations.get(a) for a in names]
-        except ValueError as error:
-            raise ValueError(f"Unknown activation in {activation!r}: {error}") from None
+        self._activations = _checks.check_activation(activation)
         self.output_dim = output_dim
         self.dropout_rate = dropout_rate
         self.kernel_initializer = (
             keras.initializers.get(kernel_initializer) if kernel_initializer is not None else None)
         self.seed = seed
+        self.dropout_seed = dropout_seed
 
     def _initializer(self, fan_in, index):
         """Initializer of kernel number `index`: each kernel gets its own seed."""
@@ -140,40 +153,51 @@ class FeedForwardExperts(keras.layers.Layer):
         return _fan_in_initializer(fan_in, None if self.seed is None else self.seed + 1 + index)
 
     def build(self, input_shape):
-        if len(input_shape) < 2:
+        k = len(self.expert_shape)
+        if len(input_shape) < k + 1:
             raise ValueError(f"Expert inputs must be [e, ..., m], got shape {input_shape}.")
-        if input_shape[0] is not None and input_shape[0] != self.num_experts:
+        if any(dim is not None and dim != count
+               for dim, count in zip(input_shape[:k], self.expert_shape)):
             raise ValueError(
-                f"Expert inputs must have num_experts={self.num_experts} on axis 0, got "
-                f"shape {input_shape}.")
+                f"Expert inputs must have num_experts={self.num_experts} on the leading "
+                f"axes, got shape {input_shape}.")
         model_dim = input_shape[-1]
         if model_dim is None:
             raise ValueError("Expert inputs must have a known last axis (m).")
-        e, h = self.num_experts, self.hidden_dim
+        h = self.hidden_dim or 4 * model_dim
         n = self.output_dim or model_dim
         self.wi = [
             self.add_weight(name=f"wi_{k}" if len(self._activations) > 1 else "wi",
-                            shape=(e, model_dim, h), initializer=self._initializer(model_dim, k))
+                            shape=self.expert_shape + (model_dim, h),
+                            initializer=self._initializer(model_dim, k))
             for k in range(len(self._activations))
         ]
-        self.wo = self.add_weight(name="wo", shape=(e, h, n),
+        self.wo = self.add_weight(name="wo", shape=self.expert_shape + (h, n),
                                   initializer=self._initializer(h, len(self._activations)))
-        self.seed_base, self.seed_step = seeding.add_seed_weights(self, self.seed)
+        self.seed_base, self.seed_step = seeding.add_seed_weights(
+            self, self.seed if self.dropout_seed is None else self.dropout_seed)
 
     def call(self, inputs, training=None):
         shape = tf.shape(inputs)
-        # The runtime expert axis, not self.num_experts: under expert parallelism
+        k = len(self.expert_shape)
+        # The runtime expert axes, not self.num_experts: under expert parallelism
         # (distribute.run_experts) a replica runs its e/r local experts.
-        x = tf.reshape(inputs, [shape[0], -1, shape[-1]])  # [e, t, m]
+        experts = tf.reduce_prod(shape[:k])
+        x = tf.reshape(inputs, [experts, -1, shape[-1]])  # [e, t, m]
         hidden = None
         for wi, activation in zip(self.wi, self._activations):
-            h = activation(expert_matmul(x, wi))  # "etm,emh->eth"
+            h = activation(expert_matmul(x, _flat_experts(wi, k)))  # "etm,emh->eth"
             hidden = h if hidden is None else hidden * h
         if training and self.dropout_rate > 0:
             hidden = seeding.dropout(hidden, self.dropout_rate,
                                      seeding.next_seed(self.seed_base, self.seed_step))
-        y = expert_matmul(hidden, self.wo)  # "eth,ehn->etn"
+        y = expert_matmul(hidden, _flat_experts(self.wo, k))  # "eth,ehn->etn"
         return tf.reshape(y, tf.concat([shape[:-1], tf.shape(y)[-1:]], axis=0))
+
+    def load_own_variables(self, store):
+        if not len(store.keys()) and getattr(self, "_loaded_by_owner", False):
+            return  # an 0.1 file stored these weights on the owning layer, which loaded them
+        super().load_own_variables(store)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.output_dim or input_shape[-1],)
@@ -189,5 +213,6 @@ class FeedForwardExperts(keras.layers.Layer):
             kernel_initializer=(keras.initializers.serialize(self.kernel_initializer)
                                 if self.kernel_initializer is not None else None),
             seed=self.seed,
+            dropout_seed=self.dropout_seed,
         )
         return config

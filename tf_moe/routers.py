@@ -7,12 +7,10 @@ Exploration noise (input jitter, input dropout) perturbs the router's own copy
 of the tokens only: the experts always receive the clean tokens.
 """
 
-import math
-
 import keras
 import tensorflow as tf
 
-from tf_moe import routing, seeding
+from tf_moe import _checks, routing, seeding
 
 INPUT_POLICIES = ("argmax", "input_jitter", "input_dropout")
 # Mesh-TF's `moe_word_embed_mode`: how token embeddings join the router's inputs.
@@ -32,24 +30,26 @@ def _token_matmul(x, kernel):
     return tf.reshape(logits, tf.concat([tf.shape(x)[:-1], [kernel.shape[1]]], axis=0))
 
 
-def _check_number(argument, value, low, *, inclusive=True, kind=(int, float)):
-    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= low if inclusive else value > low)
-    if not ok:
-        bound = f">= {low}" if inclusive else f"> {low}"
-        raise ValueError(f"{argument} must be a finite number {bound}, got {value!r}.")
-
-
 class Router(keras.layers.Layer):
-    """Base class of routers: a float32 kernel `[m, e]` and a routing rule.
+    """Base class of routers: a float32 kernel `[m, e]`, a capacity and a routing rule.
 
+    A router owns its options and its capacity: a layer asks it for the
+    capacity of a group (`expert_capacity`) and hands it the grouped tokens.
     Subclasses choose the rule by overriding `route(logits, expert_capacity,
-    importance, training)` and may perturb the router's inputs in training by
-    overriding `perturb(x, training)`.
+    importance, training)`, may perturb the router's inputs in training by
+    overriding `perturb(x, training)`, and may change the capacity formula by
+    overriding `expert_capacity`. What a router supports is said by its class
+    attributes `supports_dropless` (a factor of None drops nothing),
+    `supports_causal` (a causal queue) and `uses_positions` (its `call` takes
+    the tokens' `positions`, a `tf_moe.grouping.TokenPositions`).
 
     Args:
         num_experts: `e`, the number of experts; `None` lets the `MoELayer`
             that owns the router set it.
+        capacity_factor_train: Mesh-TF's capacity factor in training, or None
+            for no capacity (nothing dropped) where the router allows it.
+        capacity_factor_eval: the same in evaluation and inference.
+        min_expert_capacity: the smallest capacity `c`, an int >= 1.
         kernel_initializer: initializer of the `[m, e]` kernel. Default: a
             truncated normal with variance `1 / m` (Mesh-TF's dense layers
             truncate without rescaling: 0.77 times that variance).
@@ -71,7 +71,7 @@ class Router(keras.layers.Layer):
             `word_embed_mode` and refused without one.
 
     Returns:
-        A `tf_moe.routing.RoutingResult` with `[g, s, e, c]` tensors.
+        A `tf_moe.routing.RoutingResult` (slots and gates `[g, s, e]`).
 
     Example:
     A router that always picks the best expert, with its softmax gate:
@@ -88,25 +88,68 @@ class Router(keras.layers.Layer):
     """
 
     min_experts = 1
+    # What the router supports, for the layers and for users to read:
+    supports_dropless = True  # a capacity factor of None: no capacity, nothing dropped
+    supports_causal = False  # a queue in which no token waits for a later one
+    uses_positions = False  # call takes `positions`, the tokens' places in their sequences
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "__init__" in cls.__dict__:  # every router takes NumPy scalars as numbers
-            cls.__init__ = routing._python_numbers(cls.__dict__["__init__"])
+            cls.__init__ = _checks.python_numbers(cls.__dict__["__init__"])
 
-    @routing._python_numbers
-    def __init__(self, num_experts=None, *, kernel_initializer=None, seed=None,
+    @_checks.python_numbers
+    def __init__(self, num_experts=None, *, capacity_factor_train=1.25, capacity_factor_eval=2.0,
+                 min_expert_capacity=4, kernel_initializer=None, seed=None,
                  word_embed_mode=None, **kwargs):
         kwargs.pop("dtype", None)
         super().__init__(dtype="float32", **kwargs)
         if num_experts is not None:
             self._check_num_experts(num_experts)
         self.num_experts = num_experts
+        for argument, factor in (("capacity_factor_train", capacity_factor_train),
+                                 ("capacity_factor_eval", capacity_factor_eval)):
+            if factor is None and not self.supports_dropless:
+                raise ValueError(
+                    f"{argument}=None (no capacity) does not apply to {type(self).__name__}: "
+                    "its experts pick their tokens, so it needs a capacity factor > 0.")
+            _checks.check_number(argument, factor, 0.0, inclusive=False, allow_none=True)
+        _checks.check_int("min_expert_capacity", min_expert_capacity, 1)
+        self.capacity_factor_train = capacity_factor_train
+        self.capacity_factor_eval = capacity_factor_eval
+        self.min_expert_capacity = min_expert_capacity
         self.kernel_initializer = (
             keras.initializers.get(kernel_initializer) if kernel_initializer is not None else None)
         self.seed = seed
-        routing._check_choice("word_embed_mode", word_embed_mode, WORD_EMBED_MODES)
+        _checks.check_choice("word_embed_mode", word_embed_mode, WORD_EMBED_MODES)
         self.word_embed_mode = word_embed_mode
+
+    def expert_capacity(self, group_size, training):
+        """Buffer slots per expert for a group of `group_size` tokens, or None for no capacity.
+
+        Mesh-TF's formula (`tf_moe.routing.expert_capacity`) with the factor
+        of the mode; None where that factor is None, and the router then
+        drops nothing (the layer routes with capacity `s`). Routers with
+        another formula override this.
+
+        Args:
+            group_size: `s`, an int or a scalar int tensor.
+            training: bool.
+
+        Returns:
+            An int (a scalar int32 tensor for a dynamic `s`), or None.
+
+        Example:
+        >>> Top2Router(8).expert_capacity(1024, training=True)  # int(1024 * 1.25 / 8)
+        160
+        >>> print(Top2Router(8, capacity_factor_eval=None).expert_capacity(1024, False))
+        None
+        """
+        factor = self.capacity_factor_train if training else self.capacity_factor_eval
+        if factor is None:
+            return None
+        return routing.expert_capacity(group_size, self.num_experts, factor,
+                                       self.min_expert_capacity)
 
     def _check_num_experts(self, num_experts):
         if (not isinstance(num_experts, int) or isinstance(num_experts, bool)
@@ -220,7 +263,7 @@ class Router(keras.layers.Layer):
              token_embeddings=None):
         # Passed on only when given, for subclasses whose `logits` predates the argument.
         logits = self.logits(inputs, bool(training),
-                             **routing._given(token_embeddings=token_embeddings))
+                             **_checks.given(token_embeddings=token_embeddings))
         return self.route(logits, expert_capacity, importance, bool(training))
 
     def get_config(self):
@@ -232,17 +275,21 @@ class Router(keras.layers.Layer):
                                 if self.kernel_initializer is not None else None),
             seed=self.seed,
             word_embed_mode=self.word_embed_mode,
+            capacity_factor_train=self.capacity_factor_train,
+            capacity_factor_eval=self.capacity_factor_eval,
+            min_expert_capacity=self.min_expert_capacity,
         )
         return config
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
 class TopNRouter(Router):
-    """Top-n router (Mesh-TF `_top_n_gating`): each token uses up to `n` experts.
+    """Top-n router (Mesh-TF `_top_n_gating`): each token uses up to `k` experts.
 
     Args:
-        num_experts: `e >= n`, or `None` to take the owning layer's.
-        n: experts per token, an int >= 2.
+        num_experts: `e >= k`, or `None` to take the owning layer's.
+        k: experts per token, an int >= 2 (Mesh-TF's
+            `moe_top_n_num_experts_per_token`; `n` is its 0.1 name).
         second_policy_train: what to do with choices 2..n in training:
             `"all"`, `"none"`, `"threshold"` or `"random"` (Mesh-TF's default).
         second_policy_eval: the same at evaluation and inference.
@@ -250,14 +297,10 @@ class TopNRouter(Router):
             policy in training.
         second_threshold_eval: the same at evaluation and inference.
         use_second_place_loss: also balance the second choices.
-        **kwargs: `Router` arguments (`kernel_initializer`, `seed`, ...).
-
-    Returns:
-        A `tf_moe.routing.RoutingResult` with `[g, s, e, c]` tensors (see
-        `Router`).
+        **kwargs: `Router` arguments (the capacity, `kernel_initializer`, `seed`, ...).
 
     Example:
-    >>> layer = MoELayer(num_experts=8, router=TopNRouter(n=3))
+    >>> layer = MoELayer(num_experts=8, router=TopNRouter(k=3))
     >>> layer(tf.zeros([2, 16, 8])).shape
     TensorShape([2, 16, 8])
     """
@@ -265,7 +308,7 @@ class TopNRouter(Router):
     def __init__(
         self,
         num_experts=None,
-        n=3,
+        k=3,
         second_policy_train="random",
         second_policy_eval="random",
         second_threshold_train=0.2,
@@ -273,14 +316,16 @@ class TopNRouter(Router):
         use_second_place_loss=False,
         **kwargs,
     ):
-        routing._check_int("n", n, 2)
-        self.n = n
+        if "n" in kwargs:  # 0.1's name, in saved configs
+            k = kwargs.pop("n")
+        _checks.check_int("k", k, 2)
+        self.k = k
         super().__init__(num_experts, **kwargs)
         for name, policy in (("second_policy_train", second_policy_train),
                              ("second_policy_eval", second_policy_eval)):
-            routing._check_choice(name, policy, routing.SECOND_POLICIES)
-        _check_number("second_threshold_train", second_threshold_train, 0.0)
-        _check_number("second_threshold_eval", second_threshold_eval, 0.0)
+            _checks.check_choice(name, policy, routing.SECOND_POLICIES)
+        _checks.check_number("second_threshold_train", second_threshold_train, 0.0)
+        _checks.check_number("second_threshold_eval", second_threshold_eval, 0.0)
         self.second_policy_train = second_policy_train
         self.second_policy_eval = second_policy_eval
         self.second_threshold_train = second_threshold_train
@@ -289,13 +334,18 @@ class TopNRouter(Router):
 
     @property
     def min_experts(self):
-        return self.n
+        return self.k
+
+    @property
+    def n(self):
+        """0.1's name of `k`."""
+        return self.k
 
     def route(self, logits, expert_capacity, importance, training):
         return routing.top_n_gating(
             logits,
             expert_capacity,
-            n=self.n,
+            n=self.k,
             importance=importance,
             second_policy=self.second_policy_train if training else self.second_policy_eval,
             second_threshold=(self.second_threshold_train if training
@@ -307,7 +357,7 @@ class TopNRouter(Router):
     def get_config(self):
         config = super().get_config()
         config.update(
-            n=self.n,
+            k=self.k,
             second_policy_train=self.second_policy_train,
             second_policy_eval=self.second_policy_eval,
             second_threshold_train=self.second_threshold_train,
@@ -330,11 +380,7 @@ class Top2Router(TopNRouter):
             policy in training.
         second_threshold_eval: the same at evaluation and inference.
         use_second_place_loss: also balance the second choices.
-        **kwargs: `Router` arguments (`kernel_initializer`, `seed`, ...).
-
-    Returns:
-        A `tf_moe.routing.RoutingResult` with `[g, s, e, c]` tensors (see
-        `Router`).
+        **kwargs: `Router` arguments (the capacity, `kernel_initializer`, `seed`, ...).
 
     Example:
     >>> layer = MoELayer(num_experts=4, router=Top2Router(second_policy_train="all"))
@@ -347,14 +393,15 @@ class Top2Router(TopNRouter):
     def __init__(self, num_experts=None, second_policy_train="random",
                  second_policy_eval="random", second_threshold_train=0.2,
                  second_threshold_eval=0.2, use_second_place_loss=False, **kwargs):
-        kwargs.pop("n", None)
+        kwargs.pop("n", None)  # configs of 0.1 and of TopNRouter
+        kwargs.pop("k", None)
         super().__init__(num_experts, 2, second_policy_train, second_policy_eval,
                          second_threshold_train, second_threshold_eval,
                          use_second_place_loss, **kwargs)
 
     def get_config(self):
         config = super().get_config()
-        config.pop("n")
+        config.pop("k")
         return config
 
 
@@ -367,11 +414,7 @@ class TruncatedTop2Router(Router):
 
     Args:
         num_experts: `e >= 2`, or `None` to take the owning layer's.
-        **kwargs: `Router` arguments (`kernel_initializer`, `seed`, ...).
-
-    Returns:
-        A `tf_moe.routing.RoutingResult` with `[g, s, e, c]` tensors (see
-        `Router`).
+        **kwargs: `Router` arguments (the capacity, `kernel_initializer`, `seed`, ...).
 
     Example:
     >>> layer = MoELayer(num_experts=8, router="truncated_top_2")
@@ -400,11 +443,10 @@ class _InputPolicyRouter(Router):
     def __init__(self, num_experts=None, policy_train="input_jitter",
                  policy_eval="input_jitter", jitter=1e-2, dropout=0.1, **kwargs):
         super().__init__(num_experts, **kwargs)
-        routing._check_choice("policy_train", policy_train, self.policies)
-        routing._check_choice("policy_eval", policy_eval, self.policies)
-        _check_number("jitter", jitter, 0.0)
-        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}.")
+        _checks.check_choice("policy_train", policy_train, self.policies)
+        _checks.check_choice("policy_eval", policy_eval, self.policies)
+        _checks.check_number("jitter", jitter, 0.0)
+        _checks.check_rate("dropout", dropout)
         self.policy_train = policy_train
         self.policy_eval = policy_eval
         self.jitter = jitter
@@ -448,15 +490,10 @@ class _ExploringRouter(_InputPolicyRouter):
                  use_second_place_expert_prob=None, use_second_place_expert_prob_temp=None,
                  **kwargs):
         super().__init__(num_experts, policy_train, policy_eval, jitter, dropout, **kwargs)
-        probability = use_second_place_expert_prob
-        if probability is not None and not (
-                isinstance(probability, (int, float)) and not isinstance(probability, bool)
-                and 0.0 <= probability <= 1.0):
-            raise ValueError("use_second_place_expert_prob must be None or a probability in "
-                             f"[0, 1], got {probability!r}.")
-        if use_second_place_expert_prob_temp is not None:
-            _check_number("use_second_place_expert_prob_temp", use_second_place_expert_prob_temp,
-                          0.0)
+        _checks.check_probability("use_second_place_expert_prob", use_second_place_expert_prob,
+                                  allow_none=True)
+        _checks.check_number("use_second_place_expert_prob_temp",
+                             use_second_place_expert_prob_temp, 0.0, allow_none=True)
         self.use_second_place_expert_prob = use_second_place_expert_prob
         self.use_second_place_expert_prob_temp = use_second_place_expert_prob_temp
 
@@ -494,11 +531,7 @@ class SwitchRouter(_ExploringRouter):
             an exploring token samples one of its other experts instead of
             taking the second best (Mesh-TF's
             `moe_use_second_place_expert_prob_temp`; its gate is then 1).
-        **kwargs: `Router` arguments (`kernel_initializer`, `seed`, ...).
-
-    Returns:
-        A `tf_moe.routing.RoutingResult` with `[g, s, e, c]` tensors (see
-        `Router`).
+        **kwargs: `Router` arguments (the capacity, `kernel_initializer`, `seed`, ...).
 
     Example:
     >>> layer = MoELayer(num_experts=8, router=SwitchRouter(policy_train="sample"))
@@ -516,7 +549,7 @@ class SwitchRouter(_ExploringRouter):
         super().__init__(num_experts, policy_train, policy_eval, jitter, dropout,
                          use_second_place_expert_prob, use_second_place_expert_prob_temp,
                          **kwargs)
-        _check_number("temperature", temperature, 0.0)
+        _checks.check_number("temperature", temperature, 0.0)
         self.temperature = temperature
 
     def route(self, logits, expert_capacity, importance, training):
@@ -540,10 +573,6 @@ class SwitchMaxRouter(SwitchRouter):
 
     Args:
         The arguments of `SwitchRouter`.
-
-    Returns:
-        A `tf_moe.routing.RoutingResult` with `[g, s, e, c]` tensors (see
-        `Router`).
 
     Example:
     >>> layer = MoELayer(num_experts=8, router="switch_max")
@@ -572,11 +601,7 @@ class NTLBRouter(_ExploringRouter):
         dropout: rate of the input dropout (Mesh-TF's ntlb ignores it).
         use_second_place_expert_prob, use_second_place_expert_prob_temp: as
             `SwitchRouter`'s.
-        **kwargs: `Router` arguments (`kernel_initializer`, `seed`, ...).
-
-    Returns:
-        A `tf_moe.routing.RoutingResult` with `[g, s, e, c]` tensors (see
-        `Router`).
+        **kwargs: `Router` arguments (the capacity, `kernel_initializer`, `seed`, ...).
 
     Example:
     >>> layer = MoELayer(num_experts=8, router="ntlb", ntlb_top_k=2)
@@ -588,7 +613,7 @@ class NTLBRouter(_ExploringRouter):
                  policy_eval="input_jitter", jitter=1e-2, dropout=0.1,
                  use_second_place_expert_prob=None, use_second_place_expert_prob_temp=None,
                  **kwargs):
-        routing._check_int("k", k, 1)
+        _checks.check_int("k", k, 1)
         self.k = k
         super().__init__(num_experts, policy_train, policy_eval, jitter, dropout,
                          use_second_place_expert_prob, use_second_place_expert_prob_temp,
@@ -626,17 +651,15 @@ class ExpertSelectionRouter(_InputPolicyRouter):
         dropout: rate of the input dropout.
         normalize_by_num_experts_routed: divide a token's gates by the number
             of experts that picked it.
-        **kwargs: `Router` arguments (`kernel_initializer`, `seed`, ...).
-
-    Returns:
-        A `tf_moe.routing.RoutingResult` with `[g, s, e, c]` tensors (see
-        `Router`).
+        **kwargs: `Router` arguments (the capacity, `kernel_initializer`, `seed`, ...).
 
     Example:
     >>> layer = MoELayer(num_experts=8, router=ExpertSelectionRouter())
     >>> layer(tf.zeros([2, 16, 8])).shape
     TensorShape([2, 16, 8])
     """
+
+    supports_dropless = False  # each expert takes its top-c tokens: c is the rule itself
 
     def __init__(self, num_experts=None, policy_train="input_jitter",
                  policy_eval="input_jitter", jitter=1e-2, dropout=0.1,
@@ -675,10 +698,6 @@ class NoisyTopKRouter(Router):
         kernel_initializer: initializer of both kernels (default zeros).
         **kwargs: `Router` arguments (`seed`, ...).
 
-    Returns:
-        A `tf_moe.routing.RoutingResult` with `[g, s, e, c]` tensors (see
-        `Router`).
-
     Example:
     >>> layer = MoELayer(num_experts=8, router=NoisyTopKRouter(k=2))
     >>> layer(tf.zeros([2, 16, 8]), training=True).shape
@@ -687,10 +706,10 @@ class NoisyTopKRouter(Router):
 
     def __init__(self, num_experts=None, k=2, noise_epsilon=1e-2, noisy_gating=True,
                  kernel_initializer="zeros", **kwargs):
-        routing._check_int("k", k, 1)
+        _checks.check_int("k", k, 1)
         self.k = k
         super().__init__(num_experts, kernel_initializer=kernel_initializer, **kwargs)
-        _check_number("noise_epsilon", noise_epsilon, 0.0)
+        _checks.check_number("noise_epsilon", noise_epsilon, 0.0)
         self.noise_epsilon = noise_epsilon
         self.noisy_gating = bool(noisy_gating)
 

@@ -20,15 +20,12 @@ choices queue behind every first choice of the group; a token whose position is
 the docstring of the function says so.
 """
 
-import functools
-import inspect
 from typing import NamedTuple
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from tf_moe import seeding
+from tf_moe import _checks, seeding
 
 SECOND_POLICIES = ("all", "none", "threshold", "random")
 SWITCH_POLICIES = ("argmax", "sample", "input_jitter", "input_dropout")
@@ -36,37 +33,50 @@ _EPSILON = 1e-9
 
 
 class _RoutingFields(NamedTuple):
-    dispatch_tensor: tf.Tensor
-    combine_tensor: tf.Tensor
-    aux_loss: tf.Tensor
+    expert_slots: tf.Tensor
+    expert_gates: tf.Tensor
+    expert_capacity: object
+    balance_loss: tf.Tensor
     z_loss: tf.Tensor
     metrics: dict
-    expert_slots: tf.Tensor = None
-    expert_gates: tf.Tensor = None
-    expert_capacity: object = None
+
+
+# 0.1's positional order, kept for `result[i]`, unpacking and the constructor.
+_POSITIONAL = ("dispatch_tensor", "combine_tensor", "balance_loss", "z_loss", "metrics",
+               "expert_slots", "expert_gates", "expert_capacity")
 
 
 class RoutingResult(_RoutingFields):
-    """What a routing function decided for one batch of groups.
+    """What a routing function decided for one batch of groups: a small frozen record.
 
-    The routing functions return the decision in a sparse form, one entry per
-    token and expert (`expert_slots`, `expert_gates`, `[..., s, e]`: memory
-    `s * e`, no `c` axis), which the index dispatch of `tf_moe.dispatch` uses
-    directly. The dense one-hot tensors `[..., s, e, c]` of Mesh-TF's einsum
-    dispatch are built from it only when they are read (and then kept), so a
-    layer that dispatches by index never builds them. A `RoutingResult` made
-    from dense tensors (the first two positional arguments) keeps them as
-    given.
+    One representation, the sparse one: per token and expert, a slot and a
+    gate (`expert_slots`, `expert_gates`, `[..., s, e]`: memory `s * e`, no
+    `c` axis), which the index dispatch of `tf_moe.dispatch` uses directly.
+    The one-hot tensors `[..., s, e, c]` of Mesh-TF's einsum dispatch come
+    from the explicit `dense()` (built once, then kept; `dispatch_tensor` and
+    `combine_tensor` read it).
+
+    Made from dense tensors, as 0.1's custom routers do
+    (`RoutingResult(dispatch_tensor, combine_tensor, aux_loss, z_loss,
+    metrics)`), a result derives its slots and gates from them and `dense()`
+    returns them as given. Indexing and unpacking keep 0.1's order:
+    `dispatch_tensor, combine_tensor, balance_loss, z_loss, metrics,
+    expert_slots, expert_gates, expert_capacity`.
 
     Attributes:
-        dispatch_tensor: float32 `[..., s, e, c]`, 1 where token `s` sits in
-            slot `c` of expert `e`, else 0. Always equal to
-            `combine_tensor > 0`.
-        combine_tensor: float32 `[..., s, e, c]`, the weight with which the
-            output of that slot is added back to the token.
-        aux_loss: float32 scalar, the load-balance loss with Mesh-TF's scaling
-            (1.0 for a perfectly balanced router), before `loss_coef`. The
-            z-loss is not included.
+        expert_slots: int32 `[..., s, e]`, the slot of token `s` in the
+            buffer of expert `e`, or -1 where the token is not dispatched to
+            `e` (not chosen, dropped by capacity, or gate 0). A token holds at
+            most one slot per expert.
+        expert_gates: float32 `[..., s, e]`, the combine weight of token `s`
+            for expert `e` (0 where `expert_slots` is -1). Gradients reach
+            the router through these gates only.
+        expert_capacity: `c`, the capacity the result was routed with (an int
+            or a scalar int32 tensor).
+        balance_loss: float32 scalar, the router's load-balance loss before
+            `loss_coef` (Mesh-TF's scaling: 1.0 for a perfectly balanced
+            router; `noisy_top_k`'s is a cv², 0.0 when balanced). The z-loss
+            is not included. `aux_loss` is its 0.1 name.
         z_loss: float32 scalar, the router z-loss of the logits
             (see `router_z_loss`), before its coefficient.
         metrics: dict of float32 tensors: `routed_fraction` and
@@ -77,69 +87,98 @@ class RoutingResult(_RoutingFields):
             `max_load` (the busiest expert's load over the mean load; 1.0 is
             perfect balance) and
             `router_entropy` (mean entropy of the softmax over experts).
-        expert_slots: int32 `[..., s, e]`, the slot of token `s` in the
-            buffer of expert `e`, or -1 where the token is not dispatched to
-            `e` (not chosen, dropped by capacity, or gate 0). A token holds at
-            most one slot per expert. `dispatch_tensor == one_hot(expert_slots,
-            c)`. None for a result made from dense tensors.
-        expert_gates: float32 `[..., s, e]`, the combine weight of token `s`
-            for expert `e` (0 where `expert_slots` is -1).
-            `combine_tensor == expert_gates[..., None] * dispatch_tensor`.
-            Gradients reach the router through these gates only.
-        expert_capacity: `c`, the capacity the result was routed with (an int
-            or a scalar int32 tensor).
+        dispatch_tensor: float32 `[..., s, e, c]`, `dense()[0]`:
+            `one_hot(expert_slots, c)`, 1 where token `s` sits in slot `c` of
+            expert `e`. Always equal to `combine_tensor > 0`.
+        combine_tensor: float32 `[..., s, e, c]`, `dense()[1]`:
+            `expert_gates[..., None] * dispatch_tensor`.
 
     Example:
     >>> r = top_2_gating(tf.random.normal([1, 8, 4]), 4, second_policy="all")
-    >>> r.dispatch_tensor.shape  # [g, s, e, c]
-    TensorShape([1, 8, 4, 4])
-    >>> bool(tf.reduce_all(r.dispatch_tensor == tf.cast(r.combine_tensor > 0, tf.float32)))
+    >>> r.expert_slots.shape  # [g, s, e]
+    TensorShape([1, 8, 4])
+    >>> dispatch, combine = r.dense()  # [g, s, e, c]
+    >>> bool(tf.reduce_all(dispatch == tf.cast(combine > 0, tf.float32)))
     True
     >>> sorted(r.metrics)
     ['dropped_fraction', 'expert_load', 'max_load', 'routed_fraction', 'router_entropy']
     """
 
+    def __new__(cls, dispatch_tensor=None, combine_tensor=None, aux_loss=None, z_loss=None,
+                metrics=None, expert_slots=None, expert_gates=None, expert_capacity=None, *,
+                balance_loss=None):
+        if balance_loss is None:
+            balance_loss = aux_loss
+        elif aux_loss is not None:
+            raise TypeError("RoutingResult takes balance_loss or its 0.1 name aux_loss, not both.")
+        dense = None
+        if expert_slots is None:
+            if dispatch_tensor is None or combine_tensor is None:
+                raise ValueError("RoutingResult needs expert_slots and expert_gates, or the "
+                                 "dense dispatch_tensor and combine_tensor.")
+            expert_slots, expert_gates, expert_capacity = _sparse(dispatch_tensor,
+                                                                  combine_tensor)
+            dense = (dispatch_tensor, combine_tensor)
+        result = super().__new__(cls, expert_slots, expert_gates, expert_capacity,
+                                 balance_loss, z_loss, {} if metrics is None else metrics)
+        if dense is not None:
+            result.__dict__["_dense_cache"] = dense
+        return result
+
+    @property
+    def aux_loss(self):
+        """The 0.1 name of `balance_loss`."""
+        return self.balance_loss
+
     @property
     def dispatch_tensor(self):
-        return self._dense()[0]
+        return self.dense()[0]
 
     @property
     def combine_tensor(self):
-        return self._dense()[1]
+        return self.dense()[1]
 
-    def __getitem__(self, index):  # positional access sees the dense tensors too
-        if isinstance(index, slice):
-            return tuple(self[i] for i in range(len(self))[index])
-        if index in (0, 1, -len(self), 1 - len(self)):
-            return self._dense()[index % len(self)]
-        return tuple.__getitem__(self, index)
+    def dense(self):
+        """The einsum dispatch's one-hot tensors, built on the first call.
 
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
+        Returns:
+            `(dispatch_tensor, combine_tensor)`, float32 `[..., s, e, c]`.
 
-    def _dense(self):
-        stored = (tuple.__getitem__(self, 0), tuple.__getitem__(self, 1))
-        if stored[0] is not None and stored[1] is not None:
-            return stored
+        Example:
+        >>> r = RoutingResult.from_sparse(tf.constant([[[0, -1], [1, 0]]]),
+        ...                               tf.constant([[[0.5, 0.0], [0.25, 1.0]]]), 2,
+        ...                               0.0, 0.0, {})
+        >>> r.dense()[1][0, :, 0].numpy().tolist()  # expert 0: token 0 in slot 0, token 1 in 1
+        [[0.5, 0.0], [0.0, 0.25]]
+        """
         cache = self.__dict__.get("_dense_cache")
         if cache is None:
-            if self.expert_slots is None:
-                raise ValueError("This RoutingResult holds neither dense nor sparse routing.")
             dispatch = tf.one_hot(self.expert_slots, self.expert_capacity, dtype=tf.float32)
             cache = (dispatch, self.expert_gates[..., None] * dispatch)
             self.__dict__["_dense_cache"] = cache
         return cache
 
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(len(_POSITIONAL))[index])
+        return getattr(self, _POSITIONAL[index])
+
+    def __iter__(self):
+        return (getattr(self, name) for name in _POSITIONAL)
+
+    def __len__(self):
+        return len(_POSITIONAL)
+
     @classmethod
     def from_sparse(cls, expert_slots, expert_gates, expert_capacity, aux_loss, z_loss,
                     metrics):
-        """A result whose dense tensors are built from `expert_slots` on demand.
+        """A result from its slots and gates (the dense tensors come from `dense()`).
 
         Args:
             expert_slots: int32 `[..., s, e]`, slot per token and expert, -1 for none.
             expert_gates: float32 `[..., s, e]`, 0 where `expert_slots` is -1.
             expert_capacity: `c`, an int or a scalar int32 tensor.
-            aux_loss, z_loss, metrics: as the attributes of the same names.
+            aux_loss, z_loss, metrics: the balance loss, z-loss and metrics.
 
         Returns:
             A `RoutingResult`.
@@ -148,11 +187,22 @@ class RoutingResult(_RoutingFields):
         >>> r = RoutingResult.from_sparse(tf.constant([[[0, -1], [1, 0]]]),
         ...                               tf.constant([[[0.5, 0.0], [0.25, 1.0]]]), 2,
         ...                               0.0, 0.0, {})
-        >>> r.combine_tensor[0, :, 0].numpy().tolist()  # expert 0: token 0 in slot 0, token 1 in 1
-        [[0.5, 0.0], [0.0, 0.25]]
+        >>> r.expert_slots.shape
+        TensorShape([1, 2, 2])
         """
-        return cls(None, None, aux_loss, z_loss, metrics, expert_slots, expert_gates,
-                   expert_capacity)
+        return cls(expert_slots=expert_slots, expert_gates=expert_gates,
+                   expert_capacity=expert_capacity, balance_loss=aux_loss, z_loss=z_loss,
+                   metrics=metrics)
+
+
+def _sparse(dispatch_tensor, combine_tensor):
+    """`(expert_slots, expert_gates, c)` of dense `[..., s, e, c]` tensors."""
+    dispatch = tf.convert_to_tensor(dispatch_tensor)
+    held = tf.reduce_any(dispatch > 0, axis=-1)
+    slots = tf.where(held, tf.argmax(dispatch, axis=-1, output_type=tf.int32), -1)
+    gates = tf.reduce_sum(tf.cast(combine_tensor, tf.float32), axis=-1)
+    capacity = dispatch.shape[-1] if dispatch.shape[-1] is not None else tf.shape(dispatch)[-1]
+    return slots, gates, capacity
 
 
 def expert_capacity(group_size, num_experts, capacity_factor, min_expert_capacity=4):
@@ -312,9 +362,9 @@ def top_n_gating(
     >>> float(tf.reduce_max(tf.reduce_sum(r.dispatch_tensor, axis=[-2, -1])))
     3.0
     """
-    _check_int("n", n, 2)
+    _checks.check_int("n", n, 2)
     logits = _float32_logits(logits, min_experts=n)
-    _check_choice("second_policy", second_policy, SECOND_POLICIES)
+    _checks.check_choice("second_policy", second_policy, SECOND_POLICIES)
     raw_gates = tf.nn.softmax(logits, axis=-1)
 
     masks, gates = [], []
@@ -341,20 +391,20 @@ def top_n_gating(
     denom = tf.add_n(gates) + _EPSILON
     gates = [gate / denom for gate in gates]
 
-    aux_loss = _balance_loss(density_1_proxy, masks[0])
+    balance_loss = _balance_loss(density_1_proxy, masks[0])
     if use_second_place_loss:
         normalized = gates_without_top_1 / (
             tf.reduce_sum(gates_without_top_1, axis=-1, keepdims=True) + _EPSILON)
         if importance is not None:  # departure: padding must not move the loss
             normalized *= _importance_weight(importance, logits, lambda imp: imp > 0.0)[..., None]
-        aux_loss += 0.5 * _balance_loss(normalized, masks[1])
+        balance_loss += 0.5 * _balance_loss(normalized, masks[1])
 
     queue = _BufferQueue(expert_capacity)
     for k, (mask, gate) in enumerate(zip(masks, gates)):
         if k > 0:
             mask = _second_place_policy(mask, gate, second_policy, second_threshold, seed, k - 1)
         queue.push(mask, gate)
-    return _result(queue, aux_loss, logits, importance)
+    return _result(queue, balance_loss, logits, importance)
 
 
 def switch_gating(
@@ -462,7 +512,7 @@ def _switch_logits(logits, policy, policies, exploration, seed, min_experts=1):
     `second_place_expert_prob` and `second_place_temperature`.
     """
     logits = _float32_logits(logits, min_experts)
-    _check_choice("policy", policy, policies)
+    _checks.check_choice("policy", policy, policies)
     probability, temperature = exploration
     if probability is not None and not 0.0 <= probability <= 1.0:
         raise ValueError(
@@ -518,17 +568,17 @@ def _switch(logits, expert_capacity, importance, policy, temperature, exploratio
     mask, _ = _top_1(choice_scores)
     gate = tf.reduce_sum(raw_gates * mask, axis=-1)
     mask, gate, density_1_proxy = _routed_only(importance, logits, mask, gate, raw_gates)
-    aux_loss = _balance_loss(density_1_proxy, mask)
+    balance_loss = _balance_loss(density_1_proxy, mask)
     if batch_prioritized:
-        _check_capacity_within_group(expert_capacity, logits)
+        _checks.check_capacity_within_group(expert_capacity, logits)
         # Each expert ranks the tokens that chose it by gate; others score -1.
         taken = _experts_take_top_c(tf.where(mask > 0, gate[..., None], -1.0), expert_capacity)
         gates = (gate[..., None] * mask) * tf.cast(taken >= 0, tf.float32)
-        return _result((taken, gates), aux_loss, logits, importance, requested=mask,
+        return _result((taken, gates), balance_loss, logits, importance, requested=mask,
                        expert_capacity=expert_capacity)
     queue = _BufferQueue(expert_capacity)
     queue.push(mask, gate)
-    return _result(queue, aux_loss, logits, importance)
+    return _result(queue, balance_loss, logits, importance)
 
 
 def ntlb_gating(
@@ -575,7 +625,7 @@ def ntlb_gating(
     >>> tf.reduce_sum(r.dispatch_tensor, axis=[1, 3]).numpy().tolist()
     [[2.0, 2.0]]
     """
-    _check_int("k", k, 1)
+    _checks.check_int("k", k, 1)
     logits, raw_gates = _switch_logits(
         logits, policy, ("argmax", "input_jitter", "input_dropout"),
         (second_place_expert_prob, second_place_temperature), seed, min_experts=k)
@@ -583,7 +633,7 @@ def ntlb_gating(
     choices = tf.one_hot(top_index, logits.shape[-1], dtype=tf.float32)  # [..., s, k, e]
     choices, top_gates, proxy = _routed_only(importance, logits, choices, top_gates, raw_gates)
     # Mesh-TF's density has the k axis too: the loss averages over all k choices.
-    aux_loss = _balance_loss(proxy[..., None, :, :], tf.einsum("...ske->...kse", choices))
+    balance_loss = _balance_loss(proxy[..., None, :, :], tf.einsum("...ske->...kse", choices))
 
     queue = _BufferQueue(expert_capacity)
     unrouted = tf.reduce_sum(choices[..., 0, :], axis=-1)  # [..., s]: 1 for routed tokens
@@ -592,7 +642,7 @@ def ntlb_gating(
         offered = unrouted * tf.cast(top_gates[..., i] > 0.0, tf.float32)
         kept = queue.push(choices[..., i, :] * offered[..., None], top_gates[..., i])
         unrouted -= tf.reduce_sum(kept, axis=-1)
-    return _result(queue.sparse(), aux_loss, logits, importance, requested=choices[..., 0, :],
+    return _result(queue.sparse(), balance_loss, logits, importance, requested=choices[..., 0, :],
                    expert_capacity=expert_capacity)
 
 
@@ -635,7 +685,7 @@ def truncated_top_2_gating(logits, expert_capacity, *, importance=None):
         mask_1 *= first[..., None]
         gate_1 *= first
         density_1_proxy *= first[..., None]
-    aux_loss = _balance_loss(density_1_proxy, mask_1)
+    balance_loss = _balance_loss(density_1_proxy, mask_1)
 
     queue = _BufferQueue(expert_capacity)
     kept_1 = queue.push(mask_1)
@@ -656,7 +706,7 @@ def truncated_top_2_gating(logits, expert_capacity, *, importance=None):
     gate_2 *= tf.reduce_sum(kept_2, axis=-1)
     denom = gate_1 + gate_2 + _EPSILON
     queue.gates = [gate_1 / denom, gate_2 / denom]
-    return _result(queue, aux_loss, logits, importance)
+    return _result(queue, balance_loss, logits, importance)
 
 
 def noisy_top_k_gating(logits, expert_capacity, *, k=2, noise_stddev=None, importance=None,
@@ -694,7 +744,7 @@ def noisy_top_k_gating(logits, expert_capacity, *, k=2, noise_stddev=None, impor
 
     Example:
     >>> logits = tf.tile(tf.eye(4)[None], [1, 2, 1])  # 8 tokens, 2 favour each expert
-    >>> float(noisy_top_k_gating(logits, 8, k=1).aux_loss)  # perfectly balanced
+    >>> float(noisy_top_k_gating(logits, 8, k=1).balance_loss)  # perfectly balanced
     0.0
     """
     clean = _float32_logits(logits)
@@ -734,8 +784,8 @@ def noisy_top_k_gating(logits, expert_capacity, *, k=2, noise_stddev=None, impor
         load = per_expert(prob_in * counted[..., None])
     else:
         load = per_expert(tf.cast(gates_full > 0.0, tf.float32))
-    aux_loss = cv_squared(per_expert(gates_full)) + cv_squared(load)
-    return _result(queue, aux_loss, clean, importance)
+    balance_loss = cv_squared(per_expert(gates_full)) + cv_squared(load)
+    return _result(queue, balance_loss, clean, importance)
 
 
 def cv_squared(x):
@@ -804,7 +854,7 @@ def expert_selection_gating(
     [[4.0, 4.0, 4.0, 4.0], [4.0, 4.0, 4.0, 4.0]]
     """
     logits = _float32_logits(logits)
-    _check_capacity_within_group(expert_capacity, logits)
+    _checks.check_capacity_within_group(expert_capacity, logits)
     group_size = tf.shape(logits)[-2]
     selection_logits = logits
     if importance is not None:
@@ -829,9 +879,9 @@ def expert_selection_gating(
         token_prob *= _importance_weight(importance, logits, lambda imp: tf.equal(imp, 1.0))
         true_group_size = tf.reduce_sum(
             _importance_weight(importance, logits, lambda imp: imp), axis=-1, keepdims=True)
-    aux_loss = tf.reduce_mean(token_prob * token_prob * true_group_size) * tf.cast(
+    balance_loss = tf.reduce_mean(token_prob * token_prob * true_group_size) * tf.cast(
         group_size, tf.float32)
-    return _result((taken, gates), aux_loss, logits, importance,
+    return _result((taken, gates), balance_loss, logits, importance,
                    expert_capacity=expert_capacity)
 
 
@@ -852,7 +902,7 @@ class _BufferQueue:
     """
 
     def __init__(self, expert_capacity):
-        _check_capacity(expert_capacity)
+        _checks.check_capacity(expert_capacity)
         self.capacity = expert_capacity
         self.filled = 0.0  # [..., 1, e] slots taken per expert
         self.requested = 0.0  # [..., s, e] choices before capacity
@@ -912,7 +962,7 @@ def _balance_loss(density_proxy, mask):
     return tf.reduce_mean(proxy * density) * num_experts * num_experts
 
 
-def _result(choices, aux_loss, logits, importance, requested=None, expert_capacity=None):
+def _result(choices, balance_loss, logits, importance, requested=None, expert_capacity=None):
     """The `RoutingResult` of `choices`, a `_BufferQueue` or `(slots, gates)` `[..., s, e]`."""
     if isinstance(choices, _BufferQueue):
         expert_capacity, requested = choices.capacity, choices.requested
@@ -920,11 +970,11 @@ def _result(choices, aux_loss, logits, importance, requested=None, expert_capaci
     slots, gates = choices
     dispatched = gates > 0.0  # dispatch == combine > 0, as the dense tensors always were
     slots = tf.where(dispatched, slots, -1)
-    return RoutingResult.from_sparse(
+    return RoutingResult(
         expert_slots=slots,
         expert_gates=gates,
         expert_capacity=expert_capacity,
-        aux_loss=aux_loss,
+        balance_loss=balance_loss,
         z_loss=router_z_loss(logits, importance),
         metrics=_choice_metrics(tf.cast(dispatched, tf.float32), logits, importance, requested),
     )
@@ -1065,63 +1115,3 @@ def _importance_weight(importance, logits, predicate):
             f"{logits.shape[:-1]}, got {importance.shape}."
         )
     return tf.cast(predicate(importance), tf.float32)
-
-
-def _python_numbers(init):
-    """Wraps a layer's `__init__` so NumPy scalar arguments arrive as Python numbers.
-
-    Keras layers take `np.int64(8)` or `np.float32(1.25)` (from a NumPy sweep,
-    say); tf_moe checks its arguments as Python numbers and keeps them in
-    `get_config`, which must stay JSON-clean. Tuples and lists of scalars
-    (`num_experts=(x, y)`) are converted too.
-    """
-
-    def plain(value):
-        if isinstance(value, np.generic):
-            return value.item()
-        if isinstance(value, (tuple, list)) and any(isinstance(v, np.generic) for v in value):
-            return type(value)(plain(v) for v in value)
-        return value
-
-    @functools.wraps(init)
-    def wrapped(self, *args, **kwargs):
-        return init(self, *map(plain, args), **{key: plain(v) for key, v in kwargs.items()})
-
-    wrapped.__signature__ = inspect.signature(init)  # Keras reads the argspec of __init__
-    return wrapped
-
-
-def _check_int(argument, value, low, allow_none=False):
-    if allow_none and value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        extra = "None or " if allow_none else ""
-        raise ValueError(f"{argument} must be {extra}an int >= {low}, got {value!r}.")
-
-
-def _given(**kwargs):
-    """The keyword arguments that are not None: optional ones passed on only when set."""
-    return {key: value for key, value in kwargs.items() if value is not None}
-
-
-def _check_choice(argument, value, accepted):
-    if value not in accepted:
-        raise ValueError(
-            f"Unknown {argument} {value!r}; accepted: {', '.join(map(repr, accepted))}."
-        )
-
-
-def _check_capacity_within_group(expert_capacity, logits):
-    _check_capacity(expert_capacity)
-    if isinstance(expert_capacity, int) and logits.shape[-2] is not None:
-        if expert_capacity > logits.shape[-2]:
-            raise ValueError(
-                f"expert_capacity must be <= the group size {logits.shape[-2]} for this "
-                f"router (each expert picks its top-c tokens), got {expert_capacity}.")
-
-
-def _check_capacity(expert_capacity):
-    if isinstance(expert_capacity, int) and expert_capacity < 1:
-        raise ValueError(f"expert_capacity must be an int >= 1, got {expert_capacity}.")
-    if isinstance(expert_capacity, float):
-        raise TypeError(f"expert_capacity must be an int, got {expert_capacity!r}.")
