@@ -193,8 +193,7 @@ class HierarchicalMoELayer(MoEBase):
     * With an int `seed`, the outer router uses `seed`, the inner router
       `seed + 1` and the experts `seed + 2, seed + 3, ...` (their dropout
       `seed + 2`), so no two kernels or random streams of the layer start
-      from the same draws (routers made by name; router objects keep their
-      own seeds).
+      from the same draws (a router object given its own seed keeps it).
 
     Args:
         num_experts: `(x, y)`, a pair of ints >= 2: expert groups, and experts
@@ -213,8 +212,8 @@ class HierarchicalMoELayer(MoEBase):
             experts (`["gelu", "linear"]` gives `(gelu(t wi_0) * (t wi_1)) wo`).
         output_dim: `n`; default: the input width `m`.
         expert_dropout_rate: dropout on the experts' hidden layer in training.
-        seed: int or None, seeds the routers made by name, the kernels and
-            the dropout.
+        seed: int or None, seeds the routers (those without their own), the
+            kernels and the dropout.
         expert_parallel: bool: under `tf.distribute`, replica `i` runs
             experts `[i * xy/r, (i + 1) * xy/r)` (counting `(x, y)` row by
             row) on every replica's tokens (`tf_moe.distribute`). Default False.
@@ -294,7 +293,7 @@ class HierarchicalMoELayer(MoEBase):
             inner_router = InnerTop2Router.from_top_2(inner_router, x,
                                                       name=f"{self.name}_inner_router")
         self.inner_router = make_router(
-            inner_router, y, seed=None, name=None,
+            inner_router, y, seed=_offset_seed(seed, 1), name=None,
             owner="HierarchicalMoELayer(inner_router=...)", accepted={"top_2": InnerTop2Router})
         if self.inner_router.num_outer_experts != x:
             raise ValueError(

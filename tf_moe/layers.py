@@ -40,7 +40,7 @@ def make_router(router, num_experts, *, seed, name, owner, defaults=None, accept
     Args:
         router: a name of `tf_moe.routers.ROUTERS` or a `Router` layer.
         num_experts: the layer's number of experts for this router.
-        seed: the layer's seed, for a router made by name.
+        seed: the layer's seed, for a router made by name or given without one.
         name: the name of a router made by name.
         owner: the layer and argument named in errors, e.g. `"MoELayer(router=...)"`.
         defaults: router arguments for a router made by name.
@@ -68,6 +68,11 @@ def make_router(router, num_experts, *, seed, name, owner, defaults=None, accept
         raise ValueError(
             f"The router has num_experts={router.num_experts} but the layer has "
             f"num_experts={num_experts}.")
+    if router.seed is None and seed is not None:
+        if router.built:
+            raise ValueError(f"{owner}: the router was built without a seed, so the layer's "
+                             f"seed={seed} cannot seed it; give the router its own seed.")
+        router.seed = seed
     return router
 
 
@@ -293,7 +298,8 @@ class MoELayer(MoEBase):
         use_experts_attention: bool (Mesh-TF's `moe_use_experts_attention`):
             return a pair `(q, k)`, two output kernels on the experts' hidden
             layer combined with the same gates (see the README).
-        seed: int or None, seeds the router (made by name) and the experts.
+        seed: int or None, seeds the router (unless it has its own) and the
+            experts (`seed + 1`).
         expert_parallel: bool: under `tf.distribute`, replica `i` runs
             experts `[i * e/r, (i + 1) * e/r)` on every replica's tokens
             (`tf_moe.distribute`). Default False.
