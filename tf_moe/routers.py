@@ -88,6 +88,7 @@ class Router(keras.layers.Layer):
     """
 
     min_experts = 1
+    _k_experts = "uses its k={k} best experts"  # why it needs min_experts, for errors
     # What the router supports, for the layers and for users to read:
     supports_dropless = True  # a capacity factor of None: no capacity, nothing dropped
     supports_causal = False  # a queue in which no token waits for a later one
@@ -152,12 +153,17 @@ class Router(keras.layers.Layer):
                                        self.min_expert_capacity)
 
     def _check_num_experts(self, num_experts):
-        if (not isinstance(num_experts, int) or isinstance(num_experts, bool)
-                or num_experts < self.min_experts):
+        if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
             raise ValueError(
                 f"num_experts must be an int >= {self.min_experts} for "
                 f"{type(self).__name__}, got {num_experts!r}."
             )
+        if num_experts < self.min_experts:  # say why: the router's k experts per token
+            k = getattr(self, "k", self.min_experts)
+            hint = "; for one expert use router='switch'" if num_experts == 1 else ""
+            raise ValueError(
+                f"{type(self).__name__} needs num_experts >= {self.min_experts}: each token "
+                f"{self._k_experts.format(k=k)}, got num_experts={num_experts}{hint}.")
 
     def build(self, inputs_shape, token_embeddings_shape=None):
         if self.num_experts is None:
@@ -608,6 +614,8 @@ class NTLBRouter(_ExploringRouter):
     >>> layer(tf.zeros([2, 16, 8]), training=True).shape
     TensorShape([2, 16, 8])
     """
+
+    _k_experts = "may try its k={k} best experts"
 
     def __init__(self, num_experts=None, k=4, policy_train="input_jitter",
                  policy_eval="input_jitter", jitter=1e-2, dropout=0.1,
