@@ -35,6 +35,28 @@ def _offset_seed(seed, offset):
     return None if seed is None else seed + offset
 
 
+def _legacy_message(option, value, num_experts):
+    """Where 0.1's flat `HierarchicalMoELayer(option=value)` went; 0.1 set some on both routers."""
+    layer = "HierarchicalMoELayer"
+    x = num_experts[0] if isinstance(num_experts, (tuple, list)) and num_experts else "x"
+    if option in options.LEGACY_HIERARCHICAL_OUTER:
+        return (f"{layer}({option}=...) is the outer router's option since 0.2: "
+                f"{layer}(outer_router=tf_moe.Top2Router({option}={value!r})).")
+    if option == options.LEGACY_SECOND_LEVEL:
+        return (f"{layer}(capacity_factor_second_level=...) is the inner router's capacity since "
+                f"0.2: {layer}(inner_router=tf_moe.InnerTop2Router({x}, capacity_factor_train="
+                f"{value!r}, capacity_factor_eval={value!r})).")
+    if option in options.LEGACY_HIERARCHICAL_BOTH or option == options.LEGACY_DROPLESS:
+        given = ("capacity_factor_train=None, capacity_factor_eval=None"
+                 if option == options.LEGACY_DROPLESS else f"{option}={value!r}")
+        return (f"{layer}({option}=...) set both routers in 0.1; since 0.2 each router takes "
+                f"it: {layer}(outer_router=tf_moe.Top2Router({given}), "
+                f"inner_router=tf_moe.InnerTop2Router({x}, {given})).")
+    return (f"{layer} takes no {option}=...: 0.1's MoELayer took it, and since 0.2 it is an "
+            f"option of MoELayer's router objects; {layer}'s routers are outer_router= and "
+            "inner_router= (top-2).")
+
+
 @keras.saving.register_keras_serializable(package="tf_moe")
 class InnerTop2Router(Top2Router):
     """Top-2 router of the inner level: one float32 kernel `[m, y]` per outer group.
@@ -261,6 +283,8 @@ class HierarchicalMoELayer(MoEBase):
         dispatch="auto",
         **kwargs,
     ):
+        for key in options.legacy_keys(kwargs):
+            raise TypeError(_legacy_message(key, kwargs[key], num_experts))
         super().__init__(
             expert_hidden_dim=expert_hidden_dim, group_size=group_size, loss_coef=loss_coef,
             z_loss_coef=z_loss_coef, activation=activation, output_dim=output_dim,
@@ -281,6 +305,17 @@ class HierarchicalMoELayer(MoEBase):
             dropout_rate=expert_dropout_rate, seed=_offset_seed(seed, 1),
             dropout_seed=_offset_seed(seed, 2), dtype=self.dtype_policy,
             name=f"{self.name}_experts")
+        if not isinstance(outer_router, str) and (
+                not isinstance(outer_router, Top2Router) or isinstance(outer_router,
+                                                                       InnerTop2Router)):
+            raise TypeError(
+                "HierarchicalMoELayer(outer_router=...) takes 'top_2' or a tf_moe.Top2Router "
+                f"(both levels route top-2, as Mesh-TF's), got {type(outer_router).__name__}.")
+        if not isinstance(inner_router, (str, Top2Router)):
+            raise TypeError(
+                "HierarchicalMoELayer(inner_router=...) takes 'top_2', a tf_moe.InnerTop2Router "
+                "or a tf_moe.Top2Router (both levels route top-2, as Mesh-TF's), got "
+                f"{type(inner_router).__name__}.")
         self.outer_router = make_router(
             outer_router, x, seed=seed, name=f"{self.name}_outer_router",
             owner="HierarchicalMoELayer(outer_router=...)", accepted={"top_2": Top2Router})
@@ -311,9 +346,11 @@ class HierarchicalMoELayer(MoEBase):
     def build(self, input_shape):
         model_dim = self._check_build_shape(input_shape)
         x, y = self.num_experts
-        self.outer_router.build((None, None, model_dim))
-        self.inner_router.build((x, None, None, model_dim))
-        self.experts.build((x, y, None, None, model_dim))
+        for sublayer, shape in ((self.outer_router, (None, None, model_dim)),
+                                (self.inner_router, (x, None, None, model_dim)),
+                                (self.experts, (x, y, None, None, model_dim))):
+            if not sublayer.built:  # a deserialized router arrives built
+                sublayer.build(shape)
 
     def load_own_variables(self, store):
         """0.1 kept the experts' weights on this layer: they load into `experts`."""

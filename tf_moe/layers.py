@@ -230,6 +230,46 @@ class MoEBase(_compat.ThreadLocalLosses, keras.layers.Layer):
         config["activation"] = serialize_activation(self.activation)
         return config
 
+    @classmethod
+    def from_mesh_tf(cls, hparams, **layer_arguments):
+        """The layer Mesh-TF builds from its `moe_*` hyperparameters, router and capacity included.
+
+        Every key is optional and defaults to Mesh-TF's own default
+        (`moe_hidden_size` 4096; for `HierarchicalMoELayer`, MoE2D's
+        `moe_num_experts` `[8, 8]`). Keys that do not start with `moe_` are
+        ignored, and so are those the chosen layer and router do not read (as
+        Mesh-TF ignores them); the mapping is `tf_moe.options.MESH_TF_HPARAMS`
+        and the README's table.
+
+        Args:
+            hparams: a dict, or any object with `moe_*` attributes (Mesh-TF's
+                `HParams`).
+            **layer_arguments: arguments that are not hyperparameters in
+                Mesh-TF (`activation`, `seed`, `name`, ...); they win over
+                the hparams.
+
+        Returns:
+            The layer.
+
+        Raises:
+            ValueError: an unknown `moe_*` key, or a value Mesh-TF would refuse,
+                named in the message.
+
+        Example:
+        >>> layer = MoELayer.from_mesh_tf({"moe_gating": "switch", "moe_num_experts": 8,
+        ...                                "moe_switch_jitter": 0.0, "moe_hidden_size": 64})
+        >>> type(layer.router).__name__, layer.router.jitter, layer.expert_hidden_dim
+        ('SwitchRouter', 0.0, 64)
+        """
+        given = options._hparams_dict(hparams)
+        arguments, sources = options.mesh_tf_arguments(
+            given, hierarchical=cls._router_argument != "router")
+        arguments.update(layer_arguments)
+        try:
+            return cls(**arguments)
+        except (ValueError, TypeError) as error:
+            raise options.mesh_tf_error(error, given, sources) from None
+
     @staticmethod
     def _serialize(layer):
         return keras.saving.serialize_keras_object(layer)
