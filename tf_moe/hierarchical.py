@@ -94,6 +94,8 @@ class InnerTop2Router(Top2Router):
     5
     """
 
+    _options = ("num_outer_experts",)
+
     def __init__(self, num_outer_experts, num_experts=None, capacity_factor_train=1.0,
                  capacity_factor_eval=1.0, **kwargs):
         super().__init__(num_experts, capacity_factor_train=capacity_factor_train,
@@ -137,11 +139,6 @@ class InnerTop2Router(Top2Router):
         """Router logits `[x, h, t, y]` in float32."""
         tokens = self.perturb(tf.cast(inputs, tf.float32), training)
         return tf.einsum("xhtm,xmy->xhty", tokens, tf.cast(self.kernel, tf.float32))
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(num_outer_experts=self.num_outer_experts)
-        return config
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
@@ -190,10 +187,11 @@ class HierarchicalMoELayer(MoEBase):
     the layer name): `outer_balance_loss`, `inner_balance_loss`,
     `outer_dropped` (share of the tokens that reached no expert group),
     `inner_dropped` (share of the occupied outer slots that reached no inner
-    expert), `outer_max_load`, `inner_max_load` (busiest expert's demand over
-    the mean; 1 is perfect balance), `dropped` (share of the tokens that
-    reached no expert at all, through either level) and, when `z_loss_coef`
-    is set, `outer_z_loss` and `inner_z_loss`.
+    expert), `outer_max_load`, `inner_max_load` (the busiest expert's share of
+    the token choices, before capacity, over the mean share; 1 is perfect
+    balance), `dropped` (share of the tokens that reached no expert at all,
+    through either level) and, when `z_loss_coef` is set, `outer_z_loss` and
+    `inner_z_loss`.
 
     Departures from Mesh-TF, on purpose:
 
@@ -246,8 +244,9 @@ class HierarchicalMoELayer(MoEBase):
     Call arguments:
         inputs: `[..., m]` float tensor, rank >= 2.
         training: bool.
-        mask: optional boolean `[...]` (a Keras mask): masked tokens are
-            treated like padding (importance 0) and get a zero output.
+        mask: optional boolean or 0/1 `[...]` (a Keras mask; other values raise
+            a `ValueError`): masked tokens are treated like padding and get a
+            zero output.
 
     Returns:
         `[..., n]`, the leading shape of `inputs` kept.
@@ -259,6 +258,15 @@ class HierarchicalMoELayer(MoEBase):
     ...     keras.layers.Dense(10)])
     >>> model(tf.zeros([2, 64, 32])).shape
     TensorShape([2, 64, 10])
+
+    Each level's router carries its options and its capacity:
+
+    >>> layer = HierarchicalMoELayer(
+    ...     num_experts=(4, 4), outer_router=Top2Router(capacity_factor_train=2.0),
+    ...     inner_router=InnerTop2Router(4, capacity_factor_train=1.5, capacity_factor_eval=1.5))
+    >>> [router.expert_capacity(64, training=True)  # int(64 * factor / 4)
+    ...  for router in (layer.outer_router, layer.inner_router)]
+    [32, 24]
     """
 
 
@@ -462,7 +470,7 @@ class HierarchicalMoELayer(MoEBase):
 
         Args:
             inputs: `[..., m]`, as for `call`.
-            mask: optional boolean `[...]`.
+            mask: optional boolean or 0/1 `[...]`, as for `call`.
             training: bool: training or evaluation capacity and policies.
 
         Returns:

@@ -54,12 +54,9 @@ class Router(keras.layers.Layer):
             truncated normal with variance `1 / m` (Mesh-TF's dense layers
             truncate without rescaling: 0.77 times that variance).
         seed: int or None, seeds the router's random policies.
-        word_embed_mode: None, or how the tokens' embeddings `[g, s, k]`
-            join the router's (perturbed) inputs, as Mesh-TF's
-            `moe_word_embed_mode`: `"concat"` (the kernel is then
-            `[m + k, e]`), `"add"` (`k == m`), `"embed_only"` (the kernel is
-            `[k, e]`), or `"concat_stop_grad"` / `"add_stop_grad"` (no
-            gradient reaches the embeddings through the router).
+        word_embed_mode: None, or how the tokens' embeddings `[g, s, k]` join
+            the router's inputs (Mesh-TF's `moe_word_embed_mode`): `"concat"`,
+            `"add"`, `"embed_only"`, `"concat_stop_grad"` or `"add_stop_grad"`.
         **kwargs: base `Layer` arguments. The dtype is always float32.
 
     Call arguments:
@@ -81,11 +78,15 @@ class Router(keras.layers.Layer):
     ...         return tf_moe.routing.switch_gating(
     ...             logits, expert_capacity, importance=importance, policy="argmax")
     >>> router = ArgmaxRouter(num_experts=4)
-    >>> router(tf.random.normal([2, 8, 16]), expert_capacity=4).dispatch_tensor.shape
-    TensorShape([2, 8, 4, 4])
+    >>> router(tf.random.normal([2, 8, 16]), expert_capacity=4).expert_slots.shape
+    TensorShape([2, 8, 4])
     >>> MoELayer(num_experts=4, router=ArgmaxRouter())(tf.zeros([2, 8, 16])).shape
     TensorShape([2, 8, 16])
     """
+
+    # The options `get_config` saves: each class lists its own, the base collects them.
+    _options = ("num_experts", "seed", "word_embed_mode", "capacity_factor_train",
+                "capacity_factor_eval", "min_expert_capacity")
 
     min_experts = 1
     _k_experts = "uses its k={k} best experts"  # why it needs min_experts, for errors
@@ -276,15 +277,10 @@ class Router(keras.layers.Layer):
         config = super().get_config()
         config.pop("dtype", None)
         config.update(
-            num_experts=self.num_experts,
             kernel_initializer=(keras.initializers.serialize(self.kernel_initializer)
-                                if self.kernel_initializer is not None else None),
-            seed=self.seed,
-            word_embed_mode=self.word_embed_mode,
-            capacity_factor_train=self.capacity_factor_train,
-            capacity_factor_eval=self.capacity_factor_eval,
-            min_expert_capacity=self.min_expert_capacity,
-        )
+                                if self.kernel_initializer is not None else None))
+        for cls in type(self).__mro__:  # each class's own `_options`
+            config.update({key: getattr(self, key) for key in cls.__dict__.get("_options", ())})
         return config
 
 
@@ -305,11 +301,18 @@ class TopNRouter(Router):
         use_second_place_loss: also balance the second choices.
         **kwargs: `Router` arguments (the capacity, `kernel_initializer`, `seed`, ...).
 
+    Returns:
+        A `tf_moe.routing.RoutingResult` (slots and gates `[g, s, e]`; see
+        `Router`).
+
     Example:
     >>> layer = MoELayer(num_experts=8, router=TopNRouter(k=3))
     >>> layer(tf.zeros([2, 16, 8])).shape
     TensorShape([2, 16, 8])
     """
+
+    _options = ("k", "second_policy_train", "second_policy_eval", "second_threshold_train",
+                "second_threshold_eval", "use_second_place_loss")
 
     def __init__(
         self,
@@ -360,18 +363,6 @@ class TopNRouter(Router):
             seed=self.random_seed(training),
         )
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            k=self.k,
-            second_policy_train=self.second_policy_train,
-            second_policy_eval=self.second_policy_eval,
-            second_threshold_train=self.second_threshold_train,
-            second_threshold_eval=self.second_threshold_eval,
-            use_second_place_loss=self.use_second_place_loss,
-        )
-        return config
-
 
 @keras.saving.register_keras_serializable(package="tf_moe")
 class Top2Router(TopNRouter):
@@ -388,11 +379,15 @@ class Top2Router(TopNRouter):
         use_second_place_loss: also balance the second choices.
         **kwargs: `Router` arguments (the capacity, `kernel_initializer`, `seed`, ...).
 
+    Returns:
+        A `tf_moe.routing.RoutingResult` (slots and gates `[g, s, e]`; see
+        `Router`).
+
     Example:
     >>> layer = MoELayer(num_experts=4, router=Top2Router(second_policy_train="all"))
     >>> router = Top2Router(num_experts=4, second_policy_eval="all")
     >>> r = router(tf.random.normal([2, 8, 16]), expert_capacity=4)
-    >>> r.combine_tensor.shape  # [g, s, e, c]
+    >>> r.dense()[1].shape  # the combine tensor [g, s, e, c]
     TensorShape([2, 8, 4, 4])
     """
 
@@ -422,6 +417,10 @@ class TruncatedTop2Router(Router):
         num_experts: `e >= 2`, or `None` to take the owning layer's.
         **kwargs: `Router` arguments (the capacity, `kernel_initializer`, `seed`, ...).
 
+    Returns:
+        A `tf_moe.routing.RoutingResult` (slots and gates `[g, s, e]`; see
+        `Router`).
+
     Example:
     >>> layer = MoELayer(num_experts=8, router="truncated_top_2")
     >>> layer(tf.zeros([2, 16, 8])).shape
@@ -443,6 +442,8 @@ class _InputPolicyRouter(Router):
     `dropout` in training; `"argmax"` leaves them alone. Outside training
     every policy leaves the inputs alone.
     """
+
+    _options = ("policy_train", "policy_eval", "jitter", "dropout")
 
     policies = INPUT_POLICIES
 
@@ -473,12 +474,6 @@ class _InputPolicyRouter(Router):
             return seeding.dropout(x, self.dropout, self.random_seed(training))
         return x
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(policy_train=self.policy_train, policy_eval=self.policy_eval,
-                      jitter=self.jitter, dropout=self.dropout)
-        return config
-
 
 class _ExploringRouter(_InputPolicyRouter):
     """An input-policy router with Mesh-TF's second-place exploration in training.
@@ -490,6 +485,8 @@ class _ExploringRouter(_InputPolicyRouter):
     samples one of the other experts instead (Mesh-TF's
     `moe_use_second_place_expert_prob_temp`); see `tf_moe.routing.switch_gating`.
     """
+
+    _options = ("use_second_place_expert_prob", "use_second_place_expert_prob_temp")
 
     def __init__(self, num_experts=None, policy_train="input_jitter",
                  policy_eval="input_jitter", jitter=1e-2, dropout=0.1,
@@ -508,12 +505,6 @@ class _ExploringRouter(_InputPolicyRouter):
         return dict(
             second_place_expert_prob=self.use_second_place_expert_prob if training else None,
             second_place_temperature=self.use_second_place_expert_prob_temp)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(use_second_place_expert_prob=self.use_second_place_expert_prob,
-                      use_second_place_expert_prob_temp=self.use_second_place_expert_prob_temp)
-        return config
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
@@ -539,11 +530,17 @@ class SwitchRouter(_ExploringRouter):
             `moe_use_second_place_expert_prob_temp`; its gate is then 1).
         **kwargs: `Router` arguments (the capacity, `kernel_initializer`, `seed`, ...).
 
+    Returns:
+        A `tf_moe.routing.RoutingResult` (slots and gates `[g, s, e]`; see
+        `Router`).
+
     Example:
     >>> layer = MoELayer(num_experts=8, router=SwitchRouter(policy_train="sample"))
     >>> layer(tf.zeros([2, 16, 8]), training=True).shape
     TensorShape([2, 16, 8])
     """
+
+    _options = ("temperature",)
 
     policies = routing.SWITCH_POLICIES
     gating = staticmethod(routing.switch_gating)
@@ -564,11 +561,6 @@ class SwitchRouter(_ExploringRouter):
             temperature=self.temperature, seed=self.random_seed(training),
             **self.exploration(training))
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(temperature=self.temperature)
-        return config
-
 
 @keras.saving.register_keras_serializable(package="tf_moe")
 class SwitchMaxRouter(SwitchRouter):
@@ -579,6 +571,10 @@ class SwitchMaxRouter(SwitchRouter):
 
     Args:
         The arguments of `SwitchRouter`.
+
+    Returns:
+        A `tf_moe.routing.RoutingResult` (slots and gates `[g, s, e]`; see
+        `Router`).
 
     Example:
     >>> layer = MoELayer(num_experts=8, router="switch_max")
@@ -609,11 +605,17 @@ class NTLBRouter(_ExploringRouter):
             `SwitchRouter`'s.
         **kwargs: `Router` arguments (the capacity, `kernel_initializer`, `seed`, ...).
 
+    Returns:
+        A `tf_moe.routing.RoutingResult` (slots and gates `[g, s, e]`; see
+        `Router`).
+
     Example:
-    >>> layer = MoELayer(num_experts=8, router="ntlb", ntlb_top_k=2)
+    >>> layer = MoELayer(num_experts=8, router=NTLBRouter(k=2))
     >>> layer(tf.zeros([2, 16, 8]), training=True).shape
     TensorShape([2, 16, 8])
     """
+
+    _options = ("k",)
 
     _k_experts = "may try its k={k} best experts"
 
@@ -637,11 +639,6 @@ class NTLBRouter(_ExploringRouter):
             policy=self.policy(training), seed=self.random_seed(training),
             **self.exploration(training))
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(k=self.k)
-        return config
-
 
 @keras.saving.register_keras_serializable(package="tf_moe")
 class ExpertSelectionRouter(_InputPolicyRouter):
@@ -661,11 +658,17 @@ class ExpertSelectionRouter(_InputPolicyRouter):
             of experts that picked it.
         **kwargs: `Router` arguments (the capacity, `kernel_initializer`, `seed`, ...).
 
+    Returns:
+        A `tf_moe.routing.RoutingResult` (slots and gates `[g, s, e]`; see
+        `Router`).
+
     Example:
     >>> layer = MoELayer(num_experts=8, router=ExpertSelectionRouter())
     >>> layer(tf.zeros([2, 16, 8])).shape
     TensorShape([2, 16, 8])
     """
+
+    _options = ("normalize_by_num_experts_routed",)
 
     supports_dropless = False  # each expert takes its top-c tokens: c is the rule itself
 
@@ -680,11 +683,6 @@ class ExpertSelectionRouter(_InputPolicyRouter):
             logits, expert_capacity, importance=importance,
             normalize_by_num_experts_routed=self.normalize_by_num_experts_routed)
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(normalize_by_num_experts_routed=self.normalize_by_num_experts_routed)
-        return config
-
 
 @keras.saving.register_keras_serializable(package="tf_moe")
 class NoisyTopKRouter(Router):
@@ -695,7 +693,8 @@ class NoisyTopKRouter(Router):
     initialised to zeros (as the paper). In training the logits get Gaussian
     noise of standard deviation `softplus(x @ w_noise) + noise_epsilon`; each
     token uses its `k` best experts with the softmax over those `k` as gates.
-    Its loss is `cv2(importance) + cv2(load)` (see
+    Its loss is `cv2(importance) + cv2(load)`, 0 when balanced (the other
+    routers' balance loss is about 1 then; see
     `tf_moe.routing.noisy_top_k_gating`).
 
     Args:
@@ -706,11 +705,17 @@ class NoisyTopKRouter(Router):
         kernel_initializer: initializer of both kernels (default zeros).
         **kwargs: `Router` arguments (`seed`, ...).
 
+    Returns:
+        A `tf_moe.routing.RoutingResult` (slots and gates `[g, s, e]`; see
+        `Router`).
+
     Example:
     >>> layer = MoELayer(num_experts=8, router=NoisyTopKRouter(k=2))
     >>> layer(tf.zeros([2, 16, 8]), training=True).shape
     TensorShape([2, 16, 8])
     """
+
+    _options = ("k", "noise_epsilon", "noisy_gating")
 
     def __init__(self, num_experts=None, k=2, noise_epsilon=1e-2, noisy_gating=True,
                  kernel_initializer="zeros", **kwargs):
@@ -743,12 +748,6 @@ class NoisyTopKRouter(Router):
         return routing.noisy_top_k_gating(
             logits, expert_capacity, k=self.k, noise_stddev=noise_stddev, importance=importance,
             seed=self.random_seed(bool(training)))
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(k=self.k, noise_epsilon=self.noise_epsilon,
-                      noisy_gating=self.noisy_gating)
-        return config
 
 
 ROUTERS = {
