@@ -23,7 +23,7 @@ import tensorflow as tf
 
 import tf_moe
 
-MODULES = ["routing", "routers", "experts", "layers", "hierarchical", "callbacks"]
+MODULES = ["routing", "routers", "grouping", "experts", "layers", "hierarchical", "callbacks"]
 OPTIONAL_MODULES = ["dispatch"]  # documented when they exist
 # tf_moe.distribute's examples need two logical CPU devices, which can only be made
 # before TensorFlow starts: they run in a subprocess (test_distribute_examples_run).

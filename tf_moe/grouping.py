@@ -68,6 +68,11 @@ class TokenPositions(NamedTuple):
             call's sequences (-1 for padding).
         position: int32 `[g, s]`, the token's position in its sequence (-1
             for padding).
+
+    Example:
+    >>> positions = group_tokens(tf.ones([2, 3, 4]), None, group_size=4).positions()
+    >>> positions.sequence.numpy().tolist(), positions.position.numpy().tolist()
+    ([[0, 0, 0], [1, 1, 1]], [[0, 1, 2], [0, 1, 2]])
     """
 
     sequence: tf.Tensor
@@ -103,7 +108,18 @@ class Grouped(NamedTuple):
     sequence_length: object = 1
 
     def positions(self):
-        """The `TokenPositions` of the grouped tokens (see the module docstring)."""
+        """The `TokenPositions` of the grouped tokens (see the module docstring).
+
+        Returns:
+            A `TokenPositions`, int32 `[g, s]` each, -1 for padding.
+
+        Example:
+        >>> grouped = group_tokens(tf.ones([2, 3, 4]), None, group_size=4)  # 2 groups of 3
+        >>> grouped.positions().position.numpy().tolist()
+        [[0, 1, 2], [0, 1, 2]]
+        >>> group_tokens(tf.ones([5, 4]), None, group_size=8).positions().sequence.numpy()
+        array([[0, 1, 2, 3, 4]], dtype=int32)
+        """
         index = tf.reshape(tf.range(self.groups * self.group_size), [self.groups,
                                                                      self.group_size])
         real = index < self.num_tokens
@@ -120,8 +136,21 @@ def check_mask(mask, shape, argument="mask"):
     when the graph runs), so a float mask never silently acts as an
     importance weight.
 
+    Args:
+        mask: boolean, integer or float tensor (or array) of shape `shape`.
+        shape: the inputs' shape without the last axis.
+        argument: the name used in error messages.
+
     Returns:
         The mask as float32 0/1.
+
+    Example:
+    >>> check_mask(tf.constant([[1, 0, 1]]), [1, 3]).numpy().tolist()
+    [[1.0, 0.0, 1.0]]
+    >>> check_mask(tf.constant([[1.0, 0.5, 1.0]]), [1, 3])
+    Traceback (most recent call last):
+    ...
+    ValueError: mask must be boolean or hold only 0 and 1 (...), got values [0.5, 1.0].
     """
     mask = tf.convert_to_tensor(mask)
     if not (mask.dtype.is_bool or mask.dtype.is_integer or mask.dtype.is_floating):

@@ -48,6 +48,11 @@ def make_router(router, num_experts, *, seed, name, owner, defaults=None, accept
 
     Returns:
         A `Router` with `num_experts` set.
+
+    Example:
+    >>> router = make_router("switch", 8, seed=3, name="r", owner="MoELayer(router=...)")
+    >>> type(router).__name__, router.num_experts, router.seed
+    ('SwitchRouter', 8, 3)
     """
     names = accepted or routers.ROUTERS
     if isinstance(router, str):
@@ -85,6 +90,20 @@ class MoEBase(_compat.ThreadLocalLosses, keras.layers.Layer):
     the `fit` metrics; 0.1's flat router arguments, refused with their new
     place by `__init__` and converted by `from_config`. Subclasses set
     `_uid_prefix` and implement `call`, `route` and `_metric_keys`.
+
+    Args:
+        expert_hidden_dim, group_size, loss_coef, z_loss_coef, activation,
+            output_dim, expert_dropout_rate, seed, expert_parallel, dispatch:
+            as `MoELayer`'s.
+        **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
+
+    Returns:
+        A subclass's `call` returns `[..., n]`, the leading shape of its
+        inputs kept.
+
+    Example:
+    >>> issubclass(MoELayer, MoEBase), issubclass(HierarchicalMoELayer, MoEBase)
+    (True, True)
     """
 
     _uid_prefix = "moe"
@@ -316,16 +335,15 @@ class MoELayer(MoEBase):
     evaluation, plus `loss_coef * z_loss_coef * z_loss` in training (as
     Mesh-TF). Metrics shown by `fit`: `<name>_balance_loss`, `<name>_z_loss`,
     `<name>_dropped` (fraction of tokens that reached no expert) and
-    `<name>_max_load` (the busiest expert's share of the token choices over
-    the mean share; 1 is perfect balance).
+    `<name>_max_load` (the busiest expert's share of the token choices,
+    before capacity, over the mean share; 1 is perfect balance).
 
     Args:
         num_experts: `e`, int >= 1 (>= 2 for top-2).
         expert_hidden_dim: `h` of each expert; default `4 * m`.
-        router: a `Router` layer with its own options, e.g.
+        router: a `Router` layer with its own options and capacity, e.g.
             `tf_moe.SwitchRouter(jitter=0.01)`, or a router name for its
-            defaults: `"top_2"`, `"top_n"`, `"truncated_top_2"`, `"switch"`,
-            `"switch_max"`, `"ntlb"`, `"expert_selection"`, `"noisy_top_k"`.
+            defaults (`"top_2"`, `"switch"`, ...: `tf_moe.routers.ROUTERS`).
         group_size: largest number of tokens routed together.
         loss_coef: weight of the router losses in the model's loss.
         z_loss_coef: weight of the router z-loss relative to the balance loss,
@@ -351,12 +369,11 @@ class MoELayer(MoEBase):
     Call arguments:
         inputs: `[..., m]` float tensor, rank >= 2.
         training: bool.
-        mask: optional boolean (or 0/1) `[...]` (a Keras mask): masked tokens
-            are treated like padding (importance 0).
-        token_embeddings: `[..., k]`, the embeddings of the tokens of
-            `inputs`, for a router with a `word_embed_mode` (required then,
-            refused otherwise); a keyword argument, so only in functional and
-            subclassed models.
+        mask: optional boolean or 0/1 `[...]` (a Keras mask; other values raise
+            a `ValueError`): masked tokens are treated like padding.
+        token_embeddings: `[..., k]`, the tokens' embeddings, for a router with
+            a `word_embed_mode` (required then, refused otherwise); a keyword
+            argument, so only in functional and subclassed models.
 
     Returns:
         `[..., n]`, the leading shape of `inputs` kept; a pair of them with
@@ -507,7 +524,7 @@ class MoELayer(MoEBase):
 
         Args:
             inputs: `[..., m]`, as for `call`.
-            mask: optional boolean `[...]`.
+            mask: optional boolean or 0/1 `[...]`, as for `call`.
             training: bool: training or evaluation capacity and policies.
             token_embeddings: `[..., k]`, as for `call`.
 

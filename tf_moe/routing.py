@@ -84,9 +84,10 @@ class RoutingResult(_RoutingFields):
             that reached at least one expert / no expert), `expert_load` `[e]`
             (each expert's share of the tokens' choices before capacity cut
             them, i.e. the demand; for expert selection, of the filled slots),
-            `max_load` (the busiest expert's load over the mean load; 1.0 is
-            perfect balance) and
-            `router_entropy` (mean entropy of the softmax over experts).
+            `max_load` (the busiest expert's share of the token choices over
+            the mean share, `max(expert_load) * e`: 1.0 is perfect balance,
+            `e` all on one expert) and `router_entropy` (mean entropy of the
+            softmax over experts).
         dispatch_tensor: float32 `[..., s, e, c]`, `dense()[0]`:
             `one_hot(expert_slots, c)`, 1 where token `s` sits in slot `c` of
             expert `e`. Always equal to `combine_tensor > 0`.
@@ -306,8 +307,8 @@ def top_2_gating(
 
     Example:
     >>> r = top_2_gating(tf.random.normal([2, 16, 4]), 8, second_policy="all")
-    >>> r.combine_tensor.shape
-    TensorShape([2, 16, 4, 8])
+    >>> r.expert_gates.shape, r.dense()[1].shape  # [g, s, e]; combine [g, s, e, c]
+    (TensorShape([2, 16, 4]), TensorShape([2, 16, 4, 8]))
     """
     return top_n_gating(
         logits, expert_capacity, n=2, importance=importance, second_policy=second_policy,
@@ -359,7 +360,7 @@ def top_n_gating(
 
     Example:
     >>> r = top_n_gating(tf.random.normal([1, 16, 8]), 8, n=3, second_policy="all")
-    >>> float(tf.reduce_max(tf.reduce_sum(r.dispatch_tensor, axis=[-2, -1])))
+    >>> float(tf.reduce_max(tf.reduce_sum(r.dense()[0], axis=[-2, -1])))
     3.0
     """
     _checks.check_int("n", n, 2)
@@ -460,7 +461,7 @@ def switch_gating(
 
     Example:
     >>> r = switch_gating(tf.random.normal([2, 16, 4]), 5)
-    >>> float(tf.reduce_max(tf.reduce_sum(r.dispatch_tensor, axis=[-2, -1])))
+    >>> float(tf.reduce_max(tf.reduce_sum(r.dense()[0], axis=[-2, -1])))
     1.0
     """
     return _switch(logits, expert_capacity, importance, policy, temperature,
@@ -497,7 +498,7 @@ def switch_max_gating(
 
     Example:
     >>> r = switch_max_gating(tf.random.normal([2, 16, 4]), 2)
-    >>> float(tf.reduce_max(tf.reduce_sum(r.dispatch_tensor, axis=[-3, -1])))
+    >>> float(tf.reduce_max(tf.reduce_sum(r.dense()[0], axis=[-3, -1])))
     2.0
     """
     return _switch(logits, expert_capacity, importance, policy, temperature,
@@ -622,7 +623,7 @@ def ntlb_gating(
     Example:
     >>> logits = tf.constant([[[1.0, 0.0]] * 4])  # 4 tokens prefer expert 0
     >>> r = ntlb_gating(logits, 2, k=2)  # 2 slots each: 2 tokens move to expert 1
-    >>> tf.reduce_sum(r.dispatch_tensor, axis=[1, 3]).numpy().tolist()
+    >>> tf.reduce_sum(r.dense()[0], axis=[1, 3]).numpy().tolist()
     [[2.0, 2.0]]
     """
     _checks.check_int("k", k, 1)
@@ -671,7 +672,7 @@ def truncated_top_2_gating(logits, expert_capacity, *, importance=None):
         A `RoutingResult`.
 
     Example:
-    >>> truncated_top_2_gating(tf.random.normal([2, 16, 4]), 4).combine_tensor.shape
+    >>> truncated_top_2_gating(tf.random.normal([2, 16, 4]), 4).dense()[1].shape
     TensorShape([2, 16, 4, 4])
     """
     logits = _float32_logits(logits, min_experts=2)
@@ -850,7 +851,7 @@ def expert_selection_gating(
 
     Example:
     >>> r = expert_selection_gating(tf.random.normal([2, 16, 4]), 4)
-    >>> tf.reduce_sum(r.dispatch_tensor, axis=[1, 3]).numpy().tolist()
+    >>> tf.reduce_sum(r.dense()[0], axis=[1, 3]).numpy().tolist()
     [[4.0, 4.0, 4.0, 4.0], [4.0, 4.0, 4.0, 4.0]]
     """
     logits = _float32_logits(logits)
@@ -996,7 +997,7 @@ def routing_metrics(dispatch_tensor, logits, importance=None, requested=None):
 
     Example:
     >>> r = switch_gating(tf.constant([[[1.0, 0.0]] * 8]), 2)  # 8 tokens want expert 0
-    >>> metrics = routing_metrics(r.dispatch_tensor, tf.constant([[[1.0, 0.0]] * 8]))
+    >>> metrics = routing_metrics(r.dense()[0], tf.constant([[[1.0, 0.0]] * 8]))
     >>> float(metrics["dropped_fraction"]), metrics["expert_load"].numpy().tolist()
     (0.75, [1.0, 0.0])
     """
