@@ -261,3 +261,120 @@ def test_a_subclassed_model_routes_the_probe_as_the_layers_input(tmp_path):
     _fit(model, [tf_moe.RouterTensorBoard(tmp_path, probe=x[:8])], epochs=1)
     load = read_events(tmp_path / "train")["moe/expert_load"][-1][2][:, 2]
     np.testing.assert_allclose(load, model.moe.route(x[:8])["expert_load"], rtol=1e-5)
+
+
+# ------------------------------------------------------------ the probe's mask, as in fit
+
+class RecordingMoE(tf_moe.MoELayer):
+    """An `MoELayer` that keeps what its `call` last received in an eager call: the
+    inputs, the mask and the token embeddings exactly as the model hands them over."""
+
+    def call(self, inputs, training=None, mask=None, token_embeddings=None):
+        if tf.executing_eagerly():
+            self.__dict__["received"] = (inputs, mask, token_embeddings)  # not tracked by Keras
+        return super().call(inputs, training=training, mask=mask,
+                            token_embeddings=token_embeddings)
+
+
+def _padded_tokens(seed=0, count=48, length=12, vocab=20):
+    """Ids in [1, vocab) followed by zero padding: 2 to 6 real tokens per sequence."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, vocab, size=(count, length))
+    tokens[np.arange(length) >= rng.integers(2, 7, size=(count, 1))] = 0
+    return tokens
+
+
+def _fit_with_probe(model, tokens, log_dir):
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    model.fit(tokens, np.zeros(tokens.shape + (1,)), batch_size=16, epochs=1, verbose=0,
+              callbacks=[tf_moe.RouterTensorBoard(log_dir, probe=tokens[:8])])
+    return read_events(log_dir / "train")
+
+
+def _routed_as_called(model, layer, probe):
+    """`layer.route()` on what its `call` receives when the model runs `probe`."""
+    model(probe)
+    inputs, mask, token_embeddings = layer.received
+    extra = {} if token_embeddings is None else {"token_embeddings": token_embeddings}
+    return layer.route(inputs, mask=mask, **extra), mask
+
+
+def _assert_probe_is(train, prefix, routed):
+    """The probe's views of `prefix` are `routed`: the load and every scalar."""
+    np.testing.assert_allclose(train[f"{prefix}/expert_load"][-1][2][:, 2],
+                               routed["expert_load"], rtol=1e-5, atol=1e-7)
+    names = {"aux_loss": "balance_loss", "dropped_fraction": "dropped"}
+    for key, value in routed.items():
+        if key != "gates" and np.ndim(value) == 0:
+            tag = f"{prefix}/probe_{names.get(key, key)}"
+            np.testing.assert_allclose(train[tag][-1][2], value, rtol=1e-5, atol=1e-7,
+                                       err_msg=tag)
+
+
+def _balance_loss(routed):
+    return float(routed["balance_loss"] if "balance_loss" in routed else routed["aux_loss"])
+
+
+def test_probe_keeps_the_mask_through_a_residual_attention_block(tmp_path):
+    """Embedding(mask_zero) -> Add()([h, MHA(h, h)]) -> MoE: the padding mask reaches the
+    layer in fit, and the probe is routed with it."""
+    tokens = _padded_tokens()
+    ids = keras.Input((12,), dtype="int32")
+    hidden = keras.layers.Embedding(20, 8, mask_zero=True)(ids)
+    hidden = keras.layers.Add()([hidden, keras.layers.MultiHeadAttention(2, 4)(hidden, hidden)])
+    moe = RecordingMoE(4, name="moe", seed=0)
+    model = keras.Model(ids, keras.layers.Dense(1)(moe(hidden)))
+    train = _fit_with_probe(model, tokens, tmp_path)
+
+    routed, mask = _routed_as_called(model, moe, tokens[:8])
+    np.testing.assert_array_equal(mask, tokens[:8] != 0)  # the padding mask reaches the layer
+    _assert_probe_is(train, "moe", routed)
+    unmasked = moe.route(moe.received[0])
+    assert abs(_balance_loss(unmasked) - _balance_loss(routed)) > 0.1  # the mask matters
+
+
+@pytest.mark.parametrize("keywords", [{}, {"training": None}], ids=["plain", "keyword"])
+def test_probe_keeps_the_mask_of_two_moe_layers(tmp_path, keywords):
+    """Two MoE layers behind a masking Embedding; attention between them reads the
+    embeddings again. Each layer's probe is routed with the mask it gets in fit, also
+    when a keyword argument makes Keras keep no mask among the call's arguments."""
+    tokens = _padded_tokens(seed=1)
+    ids = keras.Input((12,), dtype="int32")
+    embedded = keras.layers.Embedding(20, 8, mask_zero=True)(ids)
+    first, second = RecordingMoE(4, name="first", seed=0), RecordingMoE(4, name="second", seed=1)
+    hidden = keras.layers.Add()([embedded, first(embedded, **keywords)])
+    hidden = keras.layers.Add()([hidden, keras.layers.MultiHeadAttention(2, 4)(hidden, embedded)])
+    model = keras.Model(ids, keras.layers.Dense(1)(second(hidden)))
+    train = _fit_with_probe(model, tokens, tmp_path)
+
+    for layer in (first, second):
+        routed, mask = _routed_as_called(model, layer, tokens[:8])
+        np.testing.assert_array_equal(mask, tokens[:8] != 0, err_msg=layer.name)
+        _assert_probe_is(train, layer.name, routed)
+        unmasked = layer.route(layer.received[0])
+        assert abs(_balance_loss(unmasked) - _balance_loss(routed)) > 0.1, layer.name
+
+
+@pytest.mark.parametrize("given_mask", [False, True], ids=["keras_mask", "mask_argument"])
+def test_probe_with_token_embeddings_uses_the_mask_the_layer_gets(tmp_path, given_mask):
+    """`moe(h, token_embeddings=e)`: the probe routes with the embeddings and with the
+    mask `call` receives, whether Keras fills it in or the model passes `mask=`."""
+    tokens = _padded_tokens(seed=2)
+    ids = keras.Input((12,), dtype="int32")
+    embedded = keras.layers.Embedding(20, 8, mask_zero=True)(ids)
+    if given_mask:  # behind attention, with the padding mask given explicitly
+        hidden = keras.layers.Add()([embedded,
+                                     keras.layers.MultiHeadAttention(2, 4)(embedded, embedded)])
+        arguments = {"mask": keras.ops.not_equal(ids, 0)}
+    else:
+        hidden, arguments = keras.layers.Dense(8)(embedded), {}
+    moe = RecordingMoE(4, router=tf_moe.Top2Router(word_embed_mode="concat"), name="moe", seed=0)
+    model = keras.Model(ids, keras.layers.Dense(1)(moe(hidden, token_embeddings=embedded,
+                                                       **arguments)))
+    train = _fit_with_probe(model, tokens, tmp_path)
+
+    routed, mask = _routed_as_called(model, moe, tokens[:8])
+    assert moe.received[2] is not None  # routed on the token embeddings too
+    if given_mask:
+        np.testing.assert_array_equal(mask, tokens[:8] != 0)
+    _assert_probe_is(train, "moe", routed)

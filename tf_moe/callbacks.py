@@ -103,24 +103,59 @@ def write_load_histogram(tag, load, step):
                                  metadata=_HISTOGRAM_METADATA))
 
 
-def _calls(layer, graph):
-    """The symbolic `[inputs]` or `[inputs, token_embeddings]` of each call of `layer` in `graph`.
+def _keras_graph_calls(model, layers):
+    """The calls of `layers` in the graph of `model`: this module's only private Keras API.
 
-    `graph`: a Functional model (a Sequential's inner one). A layer shared by
-    several calls of the graph gives one list per call, in the order of the
-    calls; calls in other models (the layer reused elsewhere) are left out.
+    Returns `(None, None)` for a model that is not a graph of layers
+    (subclassed). Else `(inputs, calls)`: `inputs` is the structure of symbolic
+    inputs the graph is called with, and `calls` holds, per layer, one
+    `(arguments, inputs_mask)` per call of the layer in the graph, in the order
+    of the calls (calls in other models, the layer reused elsewhere, are left
+    out). `arguments` maps `layer.call`'s parameter names to the call's
+    recorded arguments; `inputs_mask` is the symbolic Keras mask of the call's
+    `inputs` (None if they carry none).
     """
-    in_graph = {id(node) for nodes in graph._nodes_by_depth.values() for node in nodes}
+    graph = getattr(model, "_functional", None) or model  # Sequential: its inner graph
+    nodes_by_depth = getattr(graph, "_nodes_by_depth", None)
+    if nodes_by_depth is None:
+        return None, None
+    in_graph = {id(node) for nodes in nodes_by_depth.values() for node in nodes}
     calls = []
-    for node in layer._inbound_nodes:
-        if id(node) not in in_graph:
-            continue
-        arguments = node.arguments
-        call = inspect.signature(layer.call).bind_partial(
-            *arguments.args, **arguments.kwargs).arguments
-        embeddings = call.get("token_embeddings")
-        calls.append([call["inputs"]] + ([] if embeddings is None else [embeddings]))
-    return calls
+    for layer in layers:
+        layer_calls = []
+        for node in layer._inbound_nodes:
+            if id(node) in in_graph:
+                arguments = inspect.signature(layer.call).bind_partial(
+                    *node.arguments.args, **node.arguments.kwargs).arguments
+                layer_calls.append(
+                    (arguments, getattr(arguments["inputs"], "_keras_mask", None)))
+        calls.append(layer_calls)
+    return graph._inputs_struct, calls
+
+
+def _routing_arguments(arguments, inputs_mask):
+    """The `route()` arguments of one call: `inputs`, and `mask` and `token_embeddings` if any.
+
+    The mask is the one Keras gives the layer's `call`: the call's `mask=`
+    argument, given or filled in by Keras from the Keras mask of `inputs` when
+    they are the call's only tensor. Keras leaves that argument out of calls
+    with another keyword argument, or that convert the inputs' dtype; for
+    those, as Keras does, the Keras mask of `inputs`. Either is a tensor of the
+    model's graph, so the sub-model computes it as `fit` does, whatever the
+    layers in between do to the masks they pass on at run time (a
+    `MultiHeadAttention` clears those of its inputs).
+    """
+    routing = {"inputs": arguments["inputs"]}
+    mask = arguments.get("mask")
+    others = [value for name, value in arguments.items() if name not in ("inputs", "mask")]
+    if mask is None and not any(isinstance(leaf, keras.KerasTensor)
+                                for leaf in keras.tree.flatten(others)):
+        mask = inputs_mask
+    if mask is not None:
+        routing["mask"] = mask
+    if arguments.get("token_embeddings") is not None:
+        routing["token_embeddings"] = arguments["token_embeddings"]
+    return routing
 
 
 def moe_layers(model):
@@ -214,8 +249,8 @@ class RouterTensorBoard(keras.callbacks.Callback):
         self.layer_names = None if layers is None else list(layers)
         self._writers = {}
         self._layers = None
-        self._extractor = None  # model inputs -> the MoE layers' inputs
-        self._call_sizes = []  # per layer, per call: 1 tensor, or 2 with token embeddings
+        self._extractor = None  # model inputs -> the symbolic tensors of self._probe_calls
+        self._probe_calls = []  # per layer, per call: route()'s arguments, mostly symbolic
         self._previous = {}  # (layer, key) -> (total, count) at the previous write
         self._batches = 0
 
@@ -236,16 +271,15 @@ class RouterTensorBoard(keras.callbacks.Callback):
         return self._layers
 
     def _build_extractor(self, layers):
-        """The sub-model from the model's inputs to every call's inputs of `layers`.
+        """The sub-model from the model's inputs to `route()`'s arguments for each call of `layers`.
 
         False for a model that is not a graph of layers (subclassed): the
         probe is then the MoE layers' own input.
         """
-        graph = getattr(self.model, "_functional", None) or self.model  # Sequential: inner one
-        if getattr(graph, "_nodes_by_depth", None) is None:
+        inputs, calls = _keras_graph_calls(self.model, layers)
+        if calls is None:
             self._extractor = False
             return
-        calls = [_calls(layer, graph) for layer in layers]
         uncalled = [layer.name for layer, layer_calls in zip(layers, calls) if not layer_calls]
         if uncalled:
             raise ValueError(
@@ -253,39 +287,31 @@ class RouterTensorBoard(keras.callbacks.Callback):
                 f"{uncalled}: the model's graph does not call them (nested in a sub-model, "
                 "or on a branch the outputs do not use?). Watch the others with "
                 "layers=[...], or give no probe.")
-        inputs = graph._inputs_struct  # the structure the model is called with
-        self._extractor = keras.Model(
-            inputs, [t for layer_calls in calls for call in layer_calls for t in call])
-        self._call_sizes = [[len(call) for call in layer_calls] for layer_calls in calls]
+        self._probe_calls = [[_routing_arguments(*call) for call in layer_calls]
+                             for layer_calls in calls]
+        # The symbolic ones (all but a mask given as a constant) are the sub-model's outputs.
+        self._extractor = keras.Model(inputs, [
+            leaf for leaf in keras.tree.flatten(self._probe_calls)
+            if isinstance(leaf, keras.KerasTensor)])
 
     def _layer_inputs(self):
-        """The probe as each MoE layer sees it now: per layer, `(inputs, mask, extra)` per call.
+        """The probe as each MoE layer sees it now: per layer, `route()`'s arguments per call.
 
         Recomputed at every write: the layers before an MoE layer train too.
-        The mask is the Keras mask that reaches the layer (padding from an
-        `Embedding(mask_zero=True)`, say), so the probe is routed as in `fit`;
-        `extra` holds the `token_embeddings` the layer is called with, if any.
-        A layer shared by several calls of the model gets one triple per call.
+        The arguments are those the layer's `call` gets in `fit`: `inputs`,
+        the mask (padding from an `Embedding(mask_zero=True)`, say) and the
+        `token_embeddings`, where the call has them. A layer shared by several
+        calls of the model gets one dict per call.
         """
         layers = self._moe_layers()
         if self._extractor is None:
             self._build_extractor(layers)
         if self._extractor is False:
-            return [[(tf.convert_to_tensor(self.probe), None, {})] for _ in layers]
-        outputs = self._extractor(self.probe, training=False)
-        if not isinstance(outputs, (list, tuple)):
-            outputs = [outputs]
-        per_layer, start = [], 0
-        for sizes in self._call_sizes:
-            triples = []
-            for size in sizes:
-                layer_inputs, *embeddings = outputs[start:start + size]
-                start += size
-                triples.append((tf.convert_to_tensor(layer_inputs),
-                                getattr(layer_inputs, "_keras_mask", None),
-                                dict(zip(["token_embeddings"], embeddings))))
-            per_layer.append(triples)
-        return per_layer
+            return [[{"inputs": tf.convert_to_tensor(self.probe)}] for _ in layers]
+        computed = iter(keras.tree.flatten(self._extractor(self.probe, training=False)))
+        leaves = [next(computed) if isinstance(leaf, keras.KerasTensor) else leaf
+                  for leaf in keras.tree.flatten(self._probe_calls)]
+        return keras.tree.pack_sequence_as(self._probe_calls, leaves)
 
     # ------------------------------------------------------------ writing
 
@@ -299,20 +325,20 @@ class RouterTensorBoard(keras.callbacks.Callback):
             return
         with self._writer("train").as_default():
             for layer, calls in zip(self._moe_layers(), self._layer_inputs()):
-                for index, (inputs, mask, extra) in enumerate(calls):
+                for index, arguments in enumerate(calls):
                     # A shared layer: one set of views per call, `layer/call_i/...`.
                     prefix = layer.name if len(calls) == 1 else f"{layer.name}/call_{index}"
-                    self._write_routed(layer, prefix, inputs, mask, extra, step)
+                    self._write_routed(layer, prefix, arguments, step)
 
-    def _write_routed(self, layer, prefix, inputs, mask, extra, step):
+    def _write_routed(self, layer, prefix, arguments, step):
         try:
-            routed = layer.route(inputs, mask=mask, training=self.probe_training, **extra)
+            routed = layer.route(**arguments, training=self.probe_training)
         except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
             raise ValueError(
                 f"RouterTensorBoard could not route the probe through layer "
-                f"{layer.name!r} (probe inputs of shape {inputs.shape}): {error}. Give "
-                "a batch of the model's inputs; for a subclassed model, a batch of the "
-                "MoE layer's own inputs.") from error
+                f"{layer.name!r} (probe inputs of shape {arguments['inputs'].shape}): "
+                f"{error}. Give a batch of the model's inputs; for a subclassed model, a "
+                "batch of the MoE layer's own inputs.") from error
         for key, value in routed.items():
             if key == "gates":
                 continue
