@@ -71,13 +71,18 @@ def dense_step(config, xla):
 
 
 def moe_layer(config, router, dispatch, **options):
-    """tf_moe's `MoELayer` on `config`; `options` are further `MoELayer` arguments."""
+    """tf_moe's `MoELayer` on `config` with router `router` (a name of `ROUTERS`).
+
+    The router owns the capacity (`config["capacity_factor"]` in training, at
+    least 4 slots); `options` are further arguments of the router, e.g.
+    `policy_train="argmax"`. It gets the layer's seed, as one made by name does.
+    """
     keras.utils.set_random_seed(0)
+    router = ROUTERS[router](capacity_factor_train=config["capacity_factor"],
+                             min_expert_capacity=4, **options)
     layer = tf_moe.MoELayer(
         num_experts=config["num_experts"], expert_hidden_dim=config["hidden_dim"],
-        router=router, group_size=config["group_size"],
-        capacity_factor_train=config["capacity_factor"], min_expert_capacity=4,
-        dispatch=dispatch, seed=0, **options)
+        router=router, group_size=config["group_size"], dispatch=dispatch, seed=0)
     layer.build((None, config["model_dim"]))
     return layer
 
@@ -203,7 +208,7 @@ def profile_stages(config, router, dispatch):
     """Forward+backward time of each stage of one MoELayer call, XLA off."""
     layer = moe_layer(config, router, dispatch)
     x = inputs(config)
-    grouped, result = layer._route(x, None, True)
+    grouped, result, _ = layer._route(x, None, True)
     tokens = grouped.tokens
     capacity = result.expert_capacity
     slots, gates = result.expert_slots, result.expert_gates

@@ -88,7 +88,7 @@ def models(xla, group_sizes):
             (bench.moe_step(main, "expert_selection", "gather", xla), main),
         # Without Mesh-TF's default input jitter: what the router's noise costs.
         "tf_moe/gather/expert_selection, no jitter": (bench.moe_step(
-            main, "expert_selection", "gather", xla, switch_policy_train="argmax"), main),
+            main, "expert_selection", "gather", xla, policy_train="argmax"), main),
         "tf_moe experts only (top_2 buffers)": (_experts_step(main, xla), main),
         "matmul 2048x2048": (_matmul_step(), main),
     }

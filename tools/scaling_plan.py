@@ -5,8 +5,9 @@
 
 Prints weights per core, capacity per expert, the `[e, g, c, m]` buffer each
 all-to-all moves and the bytes per step, and checks the arithmetic: the
-capacity is `tf_moe.routing.expert_capacity`'s, the buffers exchanged add up
-to the tokens' slots, and the README's "Scaling out" numbers are these.
+capacity is the one the layer's top-2 router asks for (`Top2Router.expert_capacity`
+in training, Mesh-TF's formula), the buffers exchanged add up to the tokens'
+slots, and the README's "Scaling out" numbers are these.
 """
 
 import argparse
@@ -18,14 +19,16 @@ def plan(experts=2048, cores=512, model_dim=1024, hidden_dim=8192, tokens_per_co
          group_size=1024, capacity_factor=1.25, min_expert_capacity=4, activation_bytes=2,
          weight_bytes=2, optimizer_bytes=12):
     """The plan as a dict of ints and floats (see the module docstring)."""
-    from tf_moe.routing import expert_capacity
+    from tf_moe import Top2Router
 
     if experts % cores:
         raise ValueError(f"{experts} experts cannot be split evenly over {cores} cores.")
     local = experts // cores
     groups = -(-tokens_per_core // group_size)
     size = -(-tokens_per_core // groups)
-    capacity = int(expert_capacity(size, experts, capacity_factor, min_expert_capacity))
+    router = Top2Router(experts, capacity_factor_train=capacity_factor,
+                        min_expert_capacity=min_expert_capacity)  # the router owns the capacity
+    capacity = int(router.expert_capacity(size, training=True))
     params_per_expert = 2 * model_dim * hidden_dim  # wi [m, h] + wo [h, m]
     buffer = experts * groups * capacity * model_dim  # [e, g, c, m] on each core
     sent = buffer * (cores - 1) // cores  # the block addressed to itself stays
