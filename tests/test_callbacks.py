@@ -378,3 +378,22 @@ def test_probe_with_token_embeddings_uses_the_mask_the_layer_gets(tmp_path, give
     if given_mask:
         np.testing.assert_array_equal(mask, tokens[:8] != 0)
     _assert_probe_is(train, "moe", routed)
+
+
+class BothLossNamesMoE(tf_moe.MoELayer):
+    """`route()` with the balance loss under its name and under its old alias."""
+
+    def route(self, *args, **kwargs):
+        routed = dict(super().route(*args, **kwargs))
+        loss = routed.get("balance_loss", routed.get("aux_loss"))
+        return {"aux_loss": loss, **routed, "balance_loss": loss}
+
+
+def test_the_old_name_of_the_balance_loss_is_written_once(tmp_path):
+    x, _ = _data()
+    model = keras.Sequential([keras.Input((8, 8)), BothLossNamesMoE(4, name="moe", seed=0),
+                              keras.layers.Dense(1)])
+    _fit(model, [tf_moe.RouterTensorBoard(tmp_path, probe=x[:8])], epochs=2)
+    train = read_events(tmp_path / "train")
+    assert [step for step, _, _ in train["moe/probe_balance_loss"]] == [0, 1]
+    assert not any("aux_loss" in tag for tag in train)

@@ -41,6 +41,13 @@ _MOE_LAYERS = (MoELayer, HierarchicalMoELayer)
 _RENAME = {"aux_loss": "balance_loss", "dropped_fraction": "dropped"}
 
 
+def _tag_name(key):
+    """The tag name of `route()`'s output `key`: `outer_aux_loss` -> `outer_balance_loss`."""
+    for old, new in _RENAME.items():
+        key = key.replace(old, new)
+    return key
+
+
 def _metadata(plugin_name, data_class):
     return summary_pb2.SummaryMetadata(
         plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin_name),
@@ -340,15 +347,14 @@ class RouterTensorBoard(keras.callbacks.Callback):
                 f"{error}. Give a batch of the model's inputs; for a subclassed model, a "
                 "batch of the MoE layer's own inputs.") from error
         for key, value in routed.items():
-            if key == "gates":
-                continue
+            name = _tag_name(key)
+            if key == "gates" or (name != key and name in routed):
+                continue  # `aux_loss` next to `balance_loss`: the same loss by its old name
             value = np.asarray(value)
             if key.endswith("expert_load"):
                 write_load_histogram(f"{prefix}/{key}", value, step)
             elif value.ndim == 0:
-                for old, new in _RENAME.items():
-                    key = key.replace(old, new)
-                write_scalar(f"{prefix}/probe_{key}", value, step)
+                write_scalar(f"{prefix}/probe_{name}", value, step)
 
     def _write_training_metrics(self, step):
         """The layers' metrics averaged over the batches since the last write."""
