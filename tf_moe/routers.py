@@ -526,8 +526,7 @@ class SwitchRouter(_ExploringRouter):
             Mesh-TF's `moe_use_second_place_expert_prob`).
         use_second_place_expert_prob_temp: None, or the temperature at which
             an exploring token samples one of its other experts instead of
-            taking the second best (Mesh-TF's
-            `moe_use_second_place_expert_prob_temp`; its gate is then 1).
+            the second best (its gate is then 1; see `routing.switch_gating`).
         **kwargs: `Router` arguments (the capacity, `kernel_initializer`, `seed`, ...).
 
     Returns:
@@ -656,7 +655,8 @@ class ExpertSelectionRouter(_InputPolicyRouter):
         dropout: rate of the input dropout.
         normalize_by_num_experts_routed: divide a token's gates by the number
             of experts that picked it.
-        **kwargs: `Router` arguments (the capacity, `kernel_initializer`, `seed`, ...).
+        **kwargs: `Router` arguments (the capacity, whose factors must be
+            numbers here, `kernel_initializer`, `seed`, ...).
 
     Returns:
         A `tf_moe.routing.RoutingResult` (slots and gates `[g, s, e]`; see
