@@ -45,6 +45,7 @@ from tf_moe.routers import (  # noqa: E402
     SwitchMaxRouter,
     SwitchRouter,
     Top2Router,
+    TopKRouter,
     TopNRouter,
     TruncatedTop2Router,
 )
@@ -58,6 +59,7 @@ from tf_moe.routing import (  # noqa: E402
     switch_gating,
     switch_max_gating,
     top_2_gating,
+    top_k_gating,
     top_n_gating,
     truncated_top_2_gating,
 )
@@ -78,6 +80,7 @@ __all__ = [
     "SwitchMaxRouter",
     "SwitchRouter",
     "Top2Router",
+    "TopKRouter",
     "TopNRouter",
     "TruncatedTop2Router",
     "expert_capacity",
@@ -89,6 +92,7 @@ __all__ = [
     "switch_gating",
     "switch_max_gating",
     "top_2_gating",
+    "top_k_gating",
     "top_n_gating",
     "truncated_top_2_gating",
 ]

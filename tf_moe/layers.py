@@ -291,7 +291,11 @@ class MoEBase(_compat.ThreadLocalLosses, keras.layers.Layer):
 
     @staticmethod
     def _serialize(layer):
-        return keras.saving.serialize_keras_object(layer)
+        # Without its build_config (shape tuples that come back as lists): the layer
+        # builds its routers and experts itself, so a reloaded config equals the saved one.
+        config = keras.saving.serialize_keras_object(layer)
+        config.pop("build_config", None)
+        return config
 
     @staticmethod
     def _deserialize(config, *keys):
@@ -356,6 +360,11 @@ class MoELayer(MoEBase):
         use_experts_attention: bool (Mesh-TF's `moe_use_experts_attention`):
             return a pair `(q, k)`, two output kernels on the experts' hidden
             layer combined with the same gates (see the README).
+        shared_expert_hidden_dim: None, or the hidden width of a shared
+            expert: an FFN with the layer's activation on every token, added to
+            the routed output (DeepSeek, Qwen-MoE, Megatron).
+        shared_expert_gate: bool: scale the shared expert's output by
+            `σ(x w_g)`, `w_g [m, 1]` (Qwen-MoE; Megatron's `moe_shared_expert_gate`).
         seed: int or None, seeds the router (unless it has its own) and the
             experts (`seed + 1`).
         expert_parallel: bool: under `tf.distribute`, replica `i` runs
@@ -416,6 +425,8 @@ class MoELayer(MoEBase):
         experts=None,
         expert_dropout_rate=0.0,
         use_experts_attention=False,
+        shared_expert_hidden_dim=None,
+        shared_expert_gate=False,
         seed=None,
         expert_parallel=False,
         dispatch="auto",
@@ -430,6 +441,14 @@ class MoELayer(MoEBase):
         self.num_experts = num_experts
         _checks.check_bool("use_experts_attention", use_experts_attention)
         self.use_experts_attention = bool(use_experts_attention)
+        _checks.check_int("shared_expert_hidden_dim", shared_expert_hidden_dim, 1,
+                          allow_none=True)
+        _checks.check_bool("shared_expert_gate", shared_expert_gate)
+        if shared_expert_gate and shared_expert_hidden_dim is None:
+            raise ValueError("shared_expert_gate=True gates the shared expert: give it a "
+                             "shared_expert_hidden_dim.")
+        self.shared_expert_hidden_dim = shared_expert_hidden_dim
+        self.shared_expert_gate = bool(shared_expert_gate)
         self.router = make_router(router, num_experts, seed=seed, name=f"{self.name}_router",
                                   owner="MoELayer(router=...)")
         if experts is not None and not isinstance(experts, keras.layers.Layer):
@@ -439,7 +458,7 @@ class MoELayer(MoEBase):
         self._make_metrics()
 
     def _metric_keys(self):
-        return METRICS
+        return METRICS + tuple(self.router.metric_names)
 
     # ------------------------------------------------------------------ build
 
@@ -461,6 +480,24 @@ class MoELayer(MoEBase):
                 token_embeddings_shape=token_embeddings_shape))
         if not self.experts.built:
             self.experts.build((self.num_experts, None, None, model_dim))
+        if self.shared_expert_hidden_dim is not None:
+            self._build_shared_expert(model_dim)
+
+    def _build_shared_expert(self, model_dim):
+        """The always-on FFN: one expert of `FeedForwardExperts`, and its gate `[m, 1]`."""
+        self.shared_expert = FeedForwardExperts(
+            1, self.shared_expert_hidden_dim, activation=self.activation,
+            output_dim=self._experts_width(model_dim) or self.output_dim or model_dim,
+            dropout_rate=self.expert_dropout_rate,
+            seed=None if self.seed is None else self.seed + 10,  # apart from the experts'
+            dtype=self.dtype_policy, name=f"{self.name}_shared_expert")
+        self.shared_expert.build((1, None, model_dim))
+        if self.shared_expert_gate:
+            self.shared_expert_gate_kernel = self.add_weight(
+                name="shared_expert_gate", shape=(model_dim, 1),
+                initializer=keras.initializers.VarianceScaling(
+                    1.0, mode="fan_in", distribution="truncated_normal",
+                    seed=None if self.seed is None else self.seed + 20))
 
     # ------------------------------------------------------------------- call
 
@@ -487,9 +524,28 @@ class MoELayer(MoEBase):
             expert_parallel=self.expert_parallel, layer_name=self.name)
         outputs = grouping.ungroup_tokens(plan.combine(expert_outputs), grouped.num_tokens,
                                           inputs, grouped.finite)  # [g, s, n] -> [..., n]
+        if self.shared_expert_hidden_dim is not None:
+            outputs += self._shared_expert_outputs(inputs, training)
+        if training:
+            self.router.after_training_call(result, grouped.importance)
         self._add_router_losses([result], training)
-        self._update_metrics(self._result_metrics(result))
+        self._update_metrics({**self._result_metrics(result), **self.router.router_metrics()})
         return self._outputs(tf.cast(outputs, self.compute_dtype))
+
+    def _shared_expert_outputs(self, inputs, training):
+        """The shared expert on every token, `[..., m] -> [..., n]`, gated by `σ(x w_g)`.
+
+        Megatron's and Qwen-MoE's shared expert: a dense FFN beside the routed
+        experts, on every token (masked ones too, as any dense layer).
+        """
+        tokens = tf.reshape(inputs, [1, -1, inputs.shape[-1]])  # [1, n, m]
+        outputs = tf.reshape(self.shared_expert(tokens, training=training)[0], tf.concat(
+            [tf.shape(inputs)[:-1], [-1]], 0))  # [..., n]
+        if self.shared_expert_gate:
+            gate = tf.sigmoid(tf.matmul(tf.reshape(inputs, [-1, inputs.shape[-1]]),
+                                        tf.cast(self.shared_expert_gate_kernel, inputs.dtype)))
+            outputs *= tf.reshape(gate, tf.concat([tf.shape(inputs)[:-1], [1]], 0))
+        return outputs
 
     def _outputs(self, outputs):
         if self.use_experts_attention:
@@ -577,6 +633,8 @@ class MoELayer(MoEBase):
             router=self._serialize(self.router),
             experts=self._serialize(self.experts) if self._custom_experts else None,
             use_experts_attention=self.use_experts_attention,
+            shared_expert_hidden_dim=self.shared_expert_hidden_dim,
+            shared_expert_gate=self.shared_expert_gate,
         )
         return config
 

@@ -13,7 +13,7 @@ import re
 from tf_moe import routers
 
 _CAPACITY = ("capacity_factor_train", "capacity_factor_eval", "min_expert_capacity")
-_EVERY_ROUTER = tuple(routers.ROUTERS)
+_EVERY_ROUTER = tuple(routers.MESH_TF_ROUTERS)  # 0.1 had these
 _TOP_N = ("top_2", "top_n")
 _EXPLORING = ("switch", "switch_max", "ntlb")
 _POLICIES = _EXPLORING + ("expert_selection",)
@@ -89,7 +89,7 @@ def moved_message(layer_name, option, value, router="router"):
     cls = routers.ROUTERS[name].__name__
     others = sorted(set(readers) - {name})
     also = ""
-    if len(readers) == len(routers.ROUTERS):
+    if len(readers) == len(routers.MESH_TF_ROUTERS):
         also = " (every router takes it)"
     elif others:
         also = f" (also read by the {', '.join(others)} routers)"
@@ -182,9 +182,9 @@ def mesh_tf_arguments(hparams, hierarchical=False):
             raise ValueError(f"moe_gating={values['moe_gating']!r}: Mesh-TF's two-level layer "
                              "routes with top_2 at both levels, the only gating it accepts.")
     gating = values["moe_gating"]
-    if gating not in routers.ROUTERS:
+    if gating not in routers.MESH_TF_ROUTERS:
         raise ValueError(f"Unknown moe_gating {gating!r}; accepted: "
-                         f"{', '.join(map(repr, routers.ROUTERS))}.")
+                         f"{', '.join(map(repr, routers.MESH_TF_ROUTERS))}.")
     if values["moe_use_second_place_loss"] in (0, 1):
         values["moe_use_second_place_loss"] = bool(values["moe_use_second_place_loss"])
     if "moe_second_threshold" in given:  # Mesh-TF's older key: both modes, unless given apart

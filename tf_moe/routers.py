@@ -10,7 +10,7 @@ of the tokens only: the experts always receive the clean tokens.
 import keras
 import tensorflow as tf
 
-from tf_moe import _checks, routing, seeding
+from tf_moe import _checks, _compat, routing, seeding
 
 INPUT_POLICIES = ("argmax", "input_jitter", "input_dropout")
 # Mesh-TF's `moe_word_embed_mode`: how token embeddings join the router's inputs.
@@ -265,6 +265,21 @@ class Router(keras.layers.Layer):
 
     def route(self, logits, expert_capacity, importance, training):
         raise NotImplementedError(f"{type(self).__name__} must implement route().")
+
+    # Hooks for routers with state of their own (TopKRouter's expert bias).
+    metric_names = ()  # the router's own `fit` metrics, `<layer>_<name>`
+
+    def router_metrics(self):
+        """The router's own metrics, `{name: float32 scalar}` for `metric_names`."""
+        return {}
+
+    def after_training_call(self, result, importance):
+        """Called by the layer after each training call with its `RoutingResult`.
+
+        `route()`, evaluation and prediction never call it. The base router
+        does nothing.
+        """
+        del result, importance
 
     def call(self, inputs, expert_capacity, importance=None, training=None,
              token_embeddings=None):
@@ -750,7 +765,187 @@ class NoisyTopKRouter(Router):
             seed=self.random_seed(bool(training)))
 
 
-ROUTERS = {
+@keras.saving.register_keras_serializable(package="tf_moe")
+class TopKRouter(Router):
+    """Token-choice top-k router of today's MoE models (Megatron-Core, Mixtral, DeepSeek-V3).
+
+    Each token picks its `k` best experts; the options cover Mixtral's and
+    Qwen-MoE's softmax top-k, DeepSeek-V3's sigmoid scores with expert groups,
+    route scale and auxiliary-loss-free bias balancing, and Megatron-Core's
+    capacity `ceil(k * s / e * capacity_factor)` per group of `s` tokens
+    (one factor in training and evaluation; None drops nothing). The routing
+    is `tf_moe.routing.top_k_gating`, whose docstring gives the formulas and
+    the departures from Megatron-Core.
+
+    The expert bias (`use_expert_bias`, Wang et al. 2024) is a non-trainable
+    float32 weight `expert_bias [e]`, added to the scores only to choose. After
+    each training call of the layer, `b <- b + bias_update_rate * sign(mean(c)
+    - c)`, `c` the valid tokens each expert received in that call after
+    capacity, summed over the replicas of a `tf.distribute` strategy, so every
+    replica holds the same bias. `route()`, evaluation, prediction and
+    `RouterTensorBoard`'s probe never update it; a layer called twice in one
+    step updates it twice.
+
+    Args:
+        num_experts: `e >= k`, or `None` to take the owning layer's.
+        k: experts per token.
+        score: `"softmax"` or `"sigmoid"`.
+        normalize: renormalise the `k` chosen gates: softmax over the chosen
+            logits, or sigmoid scores over their sum (for `k > 1`).
+        num_expert_groups: None, or equal groups of experts (DeepSeek's
+            device/node groups; Megatron's `moe_router_num_groups`).
+        expert_groups_per_token: groups a token may use (Megatron's
+            `moe_router_group_topk`).
+        scaling_factor: None, or a factor on the gates (DeepSeek-V3: 2.5).
+        use_expert_bias: bool, auxiliary-loss-free balancing by the bias.
+        bias_update_rate: the bias step per training call.
+        balance_loss_type: `"micro_batch"` (per group of tokens), `"sequence"`
+            (per sequence, DeepSeek-V3) or None.
+        capacity_factor: None (drop nothing) or a float > 0.
+        drop_policy: over capacity, keep the highest gates (`"probs"`) or
+            the earliest positions (`"position"`).
+        **kwargs: `Router` arguments (`kernel_initializer`, `seed`, ...).
+
+    Example:
+    >>> layer = MoELayer(num_experts=8, router=TopKRouter(k=2))  # Mixtral's routing
+    >>> layer(tf.zeros([2, 16, 8])).shape
+    TensorShape([2, 16, 8])
+    >>> deepseek = TopKRouter(k=8, score="sigmoid", num_expert_groups=8,
+    ...                       expert_groups_per_token=4, scaling_factor=2.5,
+    ...                       use_expert_bias=True, balance_loss_type="sequence")
+    >>> MoELayer(num_experts=64, router=deepseek)(tf.zeros([2, 16, 8])).shape
+    TensorShape([2, 16, 8])
+    """
+
+    _options = ("k", "score", "normalize", "num_expert_groups", "expert_groups_per_token",
+                "scaling_factor", "use_expert_bias", "bias_update_rate", "balance_loss_type",
+                "capacity_factor", "drop_policy")
+    _k_experts = "uses its k={k} best experts"
+
+    def __init__(self, num_experts=None, k=2, score="softmax", normalize=True,
+                 num_expert_groups=None, expert_groups_per_token=None, scaling_factor=None,
+                 use_expert_bias=False, bias_update_rate=1e-3, balance_loss_type="micro_batch",
+                 capacity_factor=None, drop_policy="probs", **kwargs):
+        _checks.check_int("k", k, 1)
+        self.k = k
+        for key in ("capacity_factor_train", "capacity_factor_eval", "min_expert_capacity"):
+            if key in kwargs:
+                raise TypeError(f"TopKRouter has one capacity_factor for training and "
+                                f"evaluation (Megatron's), not {key}.")
+        super().__init__(num_experts, capacity_factor_train=capacity_factor,
+                         capacity_factor_eval=capacity_factor, **kwargs)
+        _checks.check_choice("score", score, routing.SCORES)
+        _checks.check_bool("normalize", normalize)
+        if (num_expert_groups is None) != (expert_groups_per_token is None):
+            raise ValueError("num_expert_groups and expert_groups_per_token go together: give "
+                             "both (group-limited routing) or neither.")
+        _checks.check_int("num_expert_groups", num_expert_groups, 1, allow_none=True)
+        _checks.check_int("expert_groups_per_token", expert_groups_per_token, 1,
+                          allow_none=True)
+        _checks.check_number("scaling_factor", scaling_factor, 0.0, inclusive=False,
+                             allow_none=True)
+        _checks.check_bool("use_expert_bias", use_expert_bias)
+        _checks.check_number("bias_update_rate", bias_update_rate, 0.0)
+        _checks.check_choice("balance_loss_type", balance_loss_type, routing.BALANCE_LOSS_TYPES)
+        _checks.check_choice("drop_policy", drop_policy, routing.DROP_POLICIES)
+        self.score = score
+        self.normalize = bool(normalize)
+        self.num_expert_groups = num_expert_groups
+        self.expert_groups_per_token = expert_groups_per_token
+        self.scaling_factor = scaling_factor
+        self.use_expert_bias = bool(use_expert_bias)
+        self.bias_update_rate = bias_update_rate
+        self.balance_loss_type = balance_loss_type
+        self.capacity_factor = capacity_factor
+        self.drop_policy = drop_policy
+        if num_experts is not None:
+            self._check_expert_groups(num_experts)
+        self.metric_names = ("expert_bias_spread",) if self.use_expert_bias else ()
+
+    @property
+    def min_experts(self):
+        return self.k
+
+    @property
+    def uses_positions(self):
+        return self.balance_loss_type == "sequence" or self.drop_policy == "position"
+
+    @property
+    def supports_causal(self):
+        """Causal when nothing is dropped, or when the earliest positions keep their slots."""
+        return self.capacity_factor is None or self.drop_policy == "position"
+
+    def _check_num_experts(self, num_experts):
+        super()._check_num_experts(num_experts)
+        self._check_expert_groups(num_experts)
+
+    def _check_expert_groups(self, num_experts):
+        if getattr(self, "num_expert_groups", None) is None:  # not set yet, or no groups
+            return
+        routing._check_top_k(self.k, num_experts, self.score, self.num_expert_groups,
+                             self.expert_groups_per_token, self.balance_loss_type,
+                             self.drop_policy)
+
+    def expert_capacity(self, group_size, training):
+        """Megatron-Core's `ceil(k * s / e * capacity_factor)`, at most `s`; None without a factor.
+
+        Example:
+        >>> TopKRouter(64, k=8, capacity_factor=1.0).expert_capacity(4096, training=True)
+        512
+        """
+        del training
+        if self.capacity_factor is None:
+            return None
+        return routing.top_k_capacity(group_size, self.num_experts, self.k,
+                                      self.capacity_factor)
+
+    def build(self, inputs_shape, token_embeddings_shape=None):
+        super().build(inputs_shape, token_embeddings_shape)
+        if self.use_expert_bias:
+            self.expert_bias = self.add_weight(
+                name="expert_bias", shape=(self.num_experts,), initializer="zeros",
+                dtype="float32", trainable=False, aggregation="only_first_replica")
+
+    def call(self, inputs, expert_capacity, importance=None, training=None,
+             token_embeddings=None, positions=None):
+        logits = self.logits(inputs, bool(training),
+                             **_checks.given(token_embeddings=token_embeddings))
+        return routing.top_k_gating(
+            logits, expert_capacity, k=self.k, score=self.score, normalize=self.normalize,
+            num_expert_groups=self.num_expert_groups,
+            expert_groups_per_token=self.expert_groups_per_token,
+            scaling_factor=self.scaling_factor,
+            expert_bias=self.expert_bias if self.use_expert_bias else None,
+            balance_loss_type=self.balance_loss_type, drop_policy=self.drop_policy,
+            importance=importance, positions=positions)
+
+    def router_metrics(self):
+        if not self.use_expert_bias:
+            return {}
+        bias = tf.convert_to_tensor(self.expert_bias)
+        return {"expert_bias_spread": tf.reduce_max(bias) - tf.reduce_min(bias)}
+
+    def after_training_call(self, result, importance):
+        """The expert bias moves towards balance: `b += rate * sign(mean(c) - c)`."""
+        if not self.use_expert_bias or _compat.in_symbolic_scope():
+            return
+        received = tf.reduce_sum(tf.reshape(
+            tf.cast(result.expert_slots >= 0, tf.float32), [-1, self.num_experts]), axis=0)
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            received = context.all_reduce(tf.distribute.ReduceOp.SUM, received)
+        step = tf.sign(tf.reduce_mean(received) - received) * self.bias_update_rate
+        self.expert_bias.assign_add(step)
+
+    def get_config(self):
+        config = super().get_config()
+        for key in ("capacity_factor_train", "capacity_factor_eval", "min_expert_capacity"):
+            config.pop(key)
+        return config
+
+
+# The routers of Mesh-TF's `moe_gating` (and tensor2tensor's, Shazeer et al.'s), by name.
+MESH_TF_ROUTERS = {
     "top_2": Top2Router,
     "top_n": TopNRouter,
     "truncated_top_2": TruncatedTop2Router,
@@ -760,3 +955,5 @@ ROUTERS = {
     "expert_selection": ExpertSelectionRouter,
     "noisy_top_k": NoisyTopKRouter,
 }
+# Every router name `MoELayer(router=...)` takes.
+ROUTERS = dict(MESH_TF_ROUTERS, top_k=TopKRouter)

@@ -20,6 +20,7 @@ choices queue behind every first choice of the group; a token whose position is
 the docstring of the function says so.
 """
 
+import math
 from typing import NamedTuple
 
 import keras
@@ -1116,3 +1117,234 @@ def _importance_weight(importance, logits, predicate):
             f"{logits.shape[:-1]}, got {importance.shape}."
         )
     return tf.cast(predicate(importance), tf.float32)
+
+
+# ---------------------------------------------------------------------------
+# Token-choice top-k: Megatron-Core's routing, Mixtral's and DeepSeek-V3's.
+
+SCORES = ("softmax", "sigmoid")
+BALANCE_LOSS_TYPES = ("micro_batch", "sequence", None)
+DROP_POLICIES = ("probs", "position")
+
+
+def top_k_capacity(group_size, num_experts, k, capacity_factor):
+    """Megatron-Core's capacity of a group: `ceil(k * s / e * capacity_factor)`, at most `s`.
+
+    At most `s` because no expert can receive more than the `s` tokens of its
+    group (Megatron then drops nothing, as here).
+
+    Args:
+        group_size: `s`, a Python int or a scalar int tensor.
+        num_experts: `e`.
+        k: experts per token.
+        capacity_factor: a float > 0.
+
+    Returns:
+        A Python int when `group_size` is one, else a scalar int32 tensor.
+
+    Example:
+    >>> top_k_capacity(4096, 64, 8, 1.0)  # ceil(8 * 4096 / 64)
+    512
+    """
+    if isinstance(group_size, int):
+        return min(group_size, max(1, math.ceil(k * group_size / num_experts * capacity_factor)))
+    s = tf.cast(group_size, tf.float64)
+    c = tf.cast(tf.math.ceil(k * s / num_experts * capacity_factor), tf.int32)
+    return tf.minimum(tf.cast(group_size, tf.int32), tf.maximum(c, 1))
+
+
+def top_k_gating(logits, expert_capacity, *, k=2, score="softmax", normalize=True,
+                 num_expert_groups=None, expert_groups_per_token=None, scaling_factor=None,
+                 expert_bias=None, balance_loss_type="micro_batch", drop_policy="probs",
+                 importance=None, positions=None):
+    """Token-choice top-k routing (Megatron-Core's `topk_routing_with_score_function`).
+
+    Each token picks its `k` best experts by its scores, plus `expert_bias`
+    when given (the bias only chooses: the gates come from the unbiased
+    scores). With `num_expert_groups`, the experts form that many equal
+    groups, a group's score is the sum of its top `k // expert_groups_per_token`
+    scores, and only the best `expert_groups_per_token` groups are eligible
+    (DeepSeek-V2/V3's device- and node-limited routing).
+
+    Gates: `score="softmax"` with `normalize` gives the softmax over the `k`
+    chosen logits (Mixtral, KerasHub; Megatron's `pre_softmax=False`), without
+    it the chosen probabilities of the full softmax (Megatron's
+    `pre_softmax=True`). `score="sigmoid"` gives `σ(logit)`, divided by the sum
+    of the `k` chosen when `normalize` and `k > 1` (DeepSeek-V3). Then times
+    `scaling_factor`.
+
+    Capacity (Megatron's `apply_router_token_dropping`): each expert keeps at
+    most `expert_capacity` of its group's tokens, those with the highest gates
+    (`drop_policy="probs"`) or the earliest in their sequences
+    (`"position"`: by position, then sequence, Megatron's `[seq, batch]`
+    order). A token's slot is its rank in that order. Padding and masked
+    tokens (importance 0) choose nothing and take no slot.
+
+    Balance loss (Megatron's `switch_load_balancing_loss_func`):
+    `e * sum_i f_i * P_i`, with `f_i` the share of the valid tokens' `k`
+    choices (top-k of the unbiased scores, no group limit, before capacity)
+    that went to expert `i` and `P_i` its mean probability over the valid
+    tokens (sigmoid scores normalised over all experts first). `"micro_batch"`
+    computes it per group and averages over the groups holding valid
+    tokens (Megatron's micro-batch loss when one group holds the call);
+    `"sequence"` per sequence (`positions.sequence`), averaged over the
+    sequences (DeepSeek-V3's sequence-wise loss); None gives 0.
+
+    Departures, on purpose: the scores choose in float32 with ties broken by
+    the lower expert index and, for the capacity, by the earlier token
+    (Megatron leaves both to `torch.topk`); the expert bias also works with
+    softmax scores, added to the probabilities, as DeepSeek-V3's own gate does
+    (Megatron applies it to sigmoid scores only); experts are chosen by the
+    softmax probabilities rather than the logits, the same ranking.
+
+    Args:
+        logits: `[..., s, e]` router logits (any float dtype; float32 inside).
+        expert_capacity: `c`, an int >= 1 or a scalar int tensor (`s` drops
+            nothing).
+        k: experts per token, `1 <= k <= e`.
+        score: `"softmax"` or `"sigmoid"`.
+        normalize: renormalise the chosen gates (see above).
+        num_expert_groups: None, or the number of expert groups (divides `e`).
+        expert_groups_per_token: the groups a token may use (with
+            `num_expert_groups`; divides `k`).
+        scaling_factor: None or a float multiplying the gates.
+        expert_bias: None or float32 `[e]`, added to the scores to choose.
+        balance_loss_type: `"micro_batch"`, `"sequence"` or None.
+        drop_policy: `"probs"` or `"position"`.
+        importance: optional `[..., s]`; tokens with importance 0 are padding.
+        positions: optional `tf_moe.grouping.TokenPositions` of `[..., s]`
+            (needed by `"sequence"`; without it each group is one sequence
+            in token order).
+
+    Returns:
+        A `RoutingResult`.
+
+    Example:
+    >>> r = top_k_gating(tf.random.normal([1, 8, 4]), 8, k=2)
+    >>> r.expert_gates.shape, float(tf.reduce_max(tf.reduce_sum(r.expert_gates, -1)))
+    (TensorShape([1, 8, 4]), 1.0)
+    """
+    logits = _float32_logits(logits)
+    num_experts = logits.shape[-1]
+    _check_top_k(k, num_experts, score, num_expert_groups, expert_groups_per_token,
+                 balance_loss_type, drop_policy)
+    _checks.check_capacity(expert_capacity)
+    valid = _importance_weight(importance, logits, lambda imp: imp > 0.0)  # [..., s]
+    probs = tf.nn.softmax(logits) if score == "softmax" else tf.sigmoid(logits)  # [..., s, e]
+    choosing = probs if expert_bias is None else probs + tf.cast(expert_bias, tf.float32)
+    if num_expert_groups:
+        choosing = _limit_to_expert_groups(choosing, k, num_expert_groups,
+                                           expert_groups_per_token)
+    chosen = _top_k_mask(choosing, k) * valid[..., None]  # [..., s, e]
+    gates = probs * chosen
+    if normalize and (score == "softmax" or k > 1):
+        gates /= tf.reduce_sum(gates, axis=-1, keepdims=True) + 1e-20
+    if scaling_factor:
+        gates *= scaling_factor
+    rank = _priority_rank(chosen, gates, drop_policy, positions)  # [..., s, e]
+    kept = (chosen > 0.0) & (rank < tf.cast(expert_capacity, tf.int32))
+    slots = tf.where(kept, rank, -1)
+    gates = tf.where(kept, gates, 0.0)
+    balance_loss = _top_k_balance_loss(probs, score, k, valid, balance_loss_type, positions)
+    return _result((slots, gates), balance_loss, logits, importance, requested=chosen,
+                   expert_capacity=expert_capacity)
+
+
+def _check_top_k(k, num_experts, score, num_groups, groups_per_token, loss_type, policy):
+    _checks.check_int("k", k, 1)
+    if k > num_experts:
+        raise ValueError(f"k={k} experts per token needs num_experts >= {k}, got "
+                         f"{num_experts}.")
+    _checks.check_choice("score", score, SCORES)
+    _checks.check_choice("balance_loss_type", loss_type, BALANCE_LOSS_TYPES)
+    _checks.check_choice("drop_policy", policy, DROP_POLICIES)
+    if num_groups is None and groups_per_token is None:
+        return
+    _checks.check_int("num_expert_groups", num_groups, 1)
+    _checks.check_int("expert_groups_per_token", groups_per_token, 1)
+    if num_experts % num_groups:
+        raise ValueError(f"num_expert_groups={num_groups} must divide num_experts="
+                         f"{num_experts} (equal groups of experts).")
+    if groups_per_token > num_groups or k % groups_per_token:
+        raise ValueError(
+            f"expert_groups_per_token={groups_per_token} must be <= num_expert_groups="
+            f"{num_groups} and divide k={k} (a group's score sums its top "
+            "k // expert_groups_per_token experts).")
+    if k > groups_per_token * num_experts // num_groups:
+        raise ValueError(f"k={k} experts per token do not fit in {groups_per_token} groups of "
+                         f"{num_experts // num_groups} experts.")
+
+
+def _top_k_mask(scores, k):
+    """1.0 at each row's `k` highest scores (ties: the lower index), else 0.0: `[..., e]`."""
+    _, index = tf.math.top_k(scores, k=k)  # top_k breaks ties by the lower index
+    return tf.reduce_sum(tf.one_hot(index, scores.shape[-1], dtype=tf.float32), axis=-2)
+
+
+def _limit_to_expert_groups(scores, k, num_groups, groups_per_token):
+    """`scores [..., s, e]` with the experts outside each token's best groups at -inf."""
+    shape = tf.shape(scores)
+    per_group = scores.shape[-1] // num_groups
+    grouped = tf.reshape(scores, tf.concat([shape[:-1], [num_groups, per_group]], 0))
+    best, _ = tf.math.top_k(grouped, k=k // groups_per_token)  # [..., s, x, k/x]
+    eligible = _top_k_mask(tf.reduce_sum(best, axis=-1), groups_per_token)  # [..., s, x]
+    eligible = tf.repeat(eligible, per_group, axis=-1)  # [..., s, e]
+    return tf.where(eligible > 0.0, scores, float("-inf"))
+
+
+def _priority_rank(chosen, gates, policy, positions):
+    """Each chosen (token, expert)'s rank in its expert's queue of the group: int32 `[..., s, e]`.
+
+    `"probs"`: by gate, highest first; `"position"`: by position, then
+    sequence. Ties go to the earlier token.
+    """
+    shape = tf.shape(chosen)
+    flat_chosen = tf.reshape(chosen, [-1, shape[-2], chosen.shape[-1]])  # [G, s, e]
+    if policy == "probs":
+        key = tf.where(flat_chosen > 0.0, tf.reshape(gates, tf.shape(flat_chosen)), -1.0)
+        order = tf.argsort(tf.transpose(key, [0, 2, 1]), axis=-1, direction="DESCENDING",
+                           stable=True)  # [G, e, s]: the tokens of each queue, first first
+        rank = tf.transpose(tf.argsort(order, axis=-1, stable=True), [0, 2, 1])
+        return tf.reshape(rank, shape)
+    if positions is None:
+        order = None
+    else:
+        sequence = tf.reshape(positions.sequence, [-1, shape[-2]])
+        position = tf.reshape(positions.position, [-1, shape[-2]])
+        by_sequence = tf.argsort(sequence, axis=-1, stable=True)
+        order = tf.gather(by_sequence, tf.argsort(
+            tf.gather(position, by_sequence, batch_dims=1), axis=-1, stable=True),
+            batch_dims=1)  # [G, s]: the group's tokens by position, then sequence
+    queued = flat_chosen if order is None else tf.gather(flat_chosen, order, batch_dims=1)
+    rank = tf.cast(tf.math.cumsum(queued, axis=-2, exclusive=True), tf.int32)
+    if order is not None:
+        rank = tf.gather(rank, tf.argsort(order, axis=-1, stable=True), batch_dims=1)
+    return tf.reshape(rank, shape)
+
+
+def _top_k_balance_loss(probs, score, k, valid, loss_type, positions):
+    """`e * sum_i f_i P_i` per group or per sequence, averaged (see `top_k_gating`)."""
+    if loss_type is None:
+        return tf.constant(0.0)
+    num_experts = probs.shape[-1]
+    if score == "sigmoid":
+        probs = probs / (tf.reduce_sum(probs, axis=-1, keepdims=True) + 1e-20)
+    choices = _top_k_mask(probs, k) * valid[..., None]  # [..., s, e]
+    probs = probs * valid[..., None]
+    s = tf.shape(probs)[-2]
+    if loss_type == "sequence" and positions is not None:
+        segment = tf.reshape(tf.where(valid > 0.0, positions.sequence, -1), [-1])
+        count = tf.reduce_max(segment) + 1
+    else:  # one segment per group
+        count = tf.size(valid) // s
+        group = tf.broadcast_to(tf.range(count)[:, None], [count, s])  # [G, s]
+        segment = tf.where(tf.reshape(valid, [count, s]) > 0.0, group, -1)
+        segment = tf.reshape(segment, [-1])
+    flat = lambda t: tf.reshape(t, [-1, num_experts])  # noqa: E731
+    tokens = tf.math.unsorted_segment_sum(tf.reshape(valid, [-1]), segment, count)  # [S]
+    f = tf.math.unsorted_segment_sum(flat(choices), segment, count)  # [S, e]
+    p = tf.math.unsorted_segment_sum(flat(probs), segment, count)
+    per_segment = float(num_experts) * tf.reduce_sum(f * p, axis=-1) / tf.maximum(
+        k * tokens * tokens, 1.0)
+    held = tf.cast(tokens > 0.0, tf.float32)
+    return tf.reduce_sum(per_segment * held) / tf.maximum(tf.reduce_sum(held), 1.0)
