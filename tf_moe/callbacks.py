@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
+from tf_moe import _compat
 from tf_moe.hierarchical import HierarchicalMoELayer
 from tf_moe.layers import MoELayer
 
@@ -111,7 +112,12 @@ def write_load_histogram(tag, load, step):
 
 
 def _keras_graph_calls(model, layers):
-    """The calls of `layers` in the graph of `model`: this module's only private Keras API.
+    """The calls of `layers` in the graph of `model`: all of this module's private Keras API.
+
+    Through `_compat` (a graph's nodes and inputs, a layer's nodes) and, not
+    wrapped there yet, a Sequential's `_functional` graph, a graph's
+    `_nodes_by_depth` (is it one?), a node's recorded `arguments` and a
+    symbolic tensor's `_keras_mask`.
 
     Returns `(None, None)` for a model that is not a graph of layers
     (subclassed). Else `(inputs, calls)`: `inputs` is the structure of symbolic
@@ -123,21 +129,20 @@ def _keras_graph_calls(model, layers):
     `inputs` (None if they carry none).
     """
     graph = getattr(model, "_functional", None) or model  # Sequential: its inner graph
-    nodes_by_depth = getattr(graph, "_nodes_by_depth", None)
-    if nodes_by_depth is None:
+    if getattr(graph, "_nodes_by_depth", None) is None:
         return None, None
-    in_graph = {id(node) for nodes in nodes_by_depth.values() for node in nodes}
+    in_graph = {id(node) for node in _compat.nodes_of(graph)}
     calls = []
     for layer in layers:
         layer_calls = []
-        for node in layer._inbound_nodes:
+        for node in _compat.inbound_nodes(layer):
             if id(node) in in_graph:
                 arguments = inspect.signature(layer.call).bind_partial(
                     *node.arguments.args, **node.arguments.kwargs).arguments
                 layer_calls.append(
                     (arguments, getattr(arguments["inputs"], "_keras_mask", None)))
         calls.append(layer_calls)
-    return graph._inputs_struct, calls
+    return _compat.functional_inputs(graph), calls
 
 
 def _routing_arguments(arguments, inputs_mask):
