@@ -324,7 +324,8 @@ def run_experts(experts, expert_inputs, *args, expert_parallel=False, num_expert
     for n in expert_shape:
         num_experts *= n
     replicas = 1
-    if expert_parallel and not in_symbolic_scope() and _strategy().num_replicas_in_sync > 1:
+    if (expert_parallel and not _compat.in_symbolic_scope()
+            and _strategy().num_replicas_in_sync > 1):
         context, replicas = _expert_parallel_context(num_experts, layer_name)
     if replicas == 1:
         return _run_sharded(experts, expert_inputs, args, kwargs, variables, num_expert_axes)
