@@ -1302,7 +1302,8 @@ def _priority_rank(chosen, gates, policy, positions):
     flat_chosen = tf.reshape(chosen, [-1, shape[-2], chosen.shape[-1]])  # [G, s, e]
     if policy == "probs":
         key = tf.where(flat_chosen > 0.0, tf.reshape(gates, tf.shape(flat_chosen)), -1.0)
-        order = tf.argsort(tf.transpose(key, [0, 2, 1]), axis=-1, direction="DESCENDING",
+        # Ascending on -key: TF's stable descending sort puts tied tokens last first.
+        order = tf.argsort(-tf.transpose(key, [0, 2, 1]), axis=-1,
                            stable=True)  # [G, e, s]: the tokens of each queue, first first
         rank = tf.transpose(tf.argsort(order, axis=-1, stable=True), [0, 2, 1])
         return tf.reshape(rank, shape)
