@@ -10,9 +10,16 @@ import tensorflow as tf
 import tf_moe
 
 
-def _layer(**kwargs):
-    return tf_moe.MoELayer(num_experts=4, expert_hidden_dim=16, group_size=8,
-                           second_policy_eval="all", seed=0, **kwargs)
+# Deterministic evaluation policies (0.1's flat second_policy_eval / switch_policy_eval).
+EVAL_POLICIES = {"top_2": dict(second_policy_eval="all"),
+                 "switch": dict(policy_eval="argmax"),
+                 "expert_selection": dict(policy_eval="argmax")}
+
+
+def _layer(router="top_2", **kwargs):
+    return tf_moe.MoELayer(num_experts=4, expert_hidden_dim=16, group_size=8, seed=0,
+                           router=tf_moe.routers.ROUTERS[router](**EVAL_POLICIES[router]),
+                           **kwargs)
 
 
 @pytest.mark.parametrize("router", ["top_2", "switch", "expert_selection"])
@@ -22,13 +29,12 @@ def test_q_and_k_are_two_output_kernels_on_one_hidden_layer(router, dispatch):
     with the same gates; each equals a plain layer whose output kernel is that half."""
     x = np.random.default_rng(0).normal(size=(3, 6, 5)).astype("float32")
     attention = _layer(router=router, dispatch=dispatch, output_dim=7,
-                       use_experts_attention=True, switch_policy_eval="argmax")
+                       use_experts_attention=True)
     q, k = attention(x)
     assert q.shape == k.shape == (3, 6, 7)
     assert attention.experts.wo.shape == (4, 16, 14)
     for half, expected in ((slice(0, 7), q), (slice(7, 14), k)):
-        plain = _layer(router=router, dispatch=dispatch, output_dim=7,
-                       switch_policy_eval="argmax")
+        plain = _layer(router=router, dispatch=dispatch, output_dim=7)
         plain.build(x.shape)
         plain.router.kernel.assign(attention.router.kernel)
         plain.experts.wi[0].assign(attention.experts.wi[0])
