@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tf_moe import routing
+from tf_moe import routers, routing
 
 IMPORTANCE_VALUES = (0.0, 0.5, 1.0)
 
@@ -235,3 +235,49 @@ def test_einsum_and_index_dispatch_agree(name, case):
     expected = dispatch.einsum_combine(outputs, result.combine_tensor)
     np.testing.assert_allclose(combined.numpy(), tf.reshape(expected, [g * s, 2]).numpy(),
                                atol=1e-5)
+
+
+def _mesh_tf_capacity(s, e, factor, minimum):
+    """Mesh-TF's capacity (`_top_2_gating` and the others), in plain Python, then at most s.
+
+    `expert_capacity = min(s, int((s * capacity_factor) / e))`, then
+    `max(expert_capacity, min_expert_capacity)`; tf_moe caps that at `s` (a
+    documented departure: more slots could never fill).
+    """
+    capacity = min(s, int((s * factor) / e))
+    capacity = max(capacity, minimum)
+    return min(capacity, s)
+
+
+# The fewest experts each Mesh-TF router takes with its defaults (its k).
+MIN_EXPERTS = {"top_2": 2, "truncated_top_2": 2, "top_n": 3, "ntlb": 4, "noisy_top_k": 2,
+               "switch": 1, "switch_max": 1, "expert_selection": 1}
+assert set(MIN_EXPERTS) == set(routers.MESH_TF_ROUTERS)
+FACTORS = st.one_of(st.sampled_from([0.5, 1.0, 1.25, 2.0, 4.0]),
+                    st.floats(0.01, 16.0, allow_nan=False, allow_infinity=False))
+
+
+@given(s=st.integers(1, 5000), e=st.integers(1, 64), factor_train=FACTORS,
+       factor_eval=st.one_of(st.none(), FACTORS), minimum=st.integers(1, 64),
+       name=st.sampled_from(sorted(MIN_EXPERTS)))
+def test_router_expert_capacity_is_mesh_tf_formula(s, e, factor_train, factor_eval, minimum,
+                                                   name):
+    """`router.expert_capacity(s, training)` of every Mesh-TF router, with a static or a
+    dynamic `s`, against the reference; None for a mode whose factor is None."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    cls = routers.MESH_TF_ROUTERS[name]
+    e = max(e, MIN_EXPERTS[name])
+    if name == "expert_selection" and factor_eval is None:
+        factor_eval = factor_train  # its experts pick their tokens: it refuses None
+    router = cls(e, capacity_factor_train=factor_train, capacity_factor_eval=factor_eval,
+                 min_expert_capacity=minimum)
+    for training, factor in ((True, factor_train), (False, factor_eval)):
+        static = router.expert_capacity(s, training)
+        dynamic = router.expert_capacity(tf.constant(s), training)
+        if factor is None:
+            assert static is None and dynamic is None
+            continue
+        expected = _mesh_tf_capacity(s, e, factor, minimum)
+        assert type(static) is int and static == expected, (s, e, factor, minimum)
+        assert int(dynamic) == expected, (s, e, factor, minimum)
