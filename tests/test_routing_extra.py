@@ -405,8 +405,8 @@ def test_moe_layer_fit_lowers_loss(router):
     y = x @ w
     model = keras.Sequential([
         keras.Input((8, 6)),
-        tf_moe.MoELayer(num_experts=4, router=router, expert_hidden_dim=16, group_size=8,
-                        min_expert_capacity=2, seed=0),
+        tf_moe.MoELayer(num_experts=4, router=tf_moe.routers.ROUTERS[router](
+            min_expert_capacity=2), expert_hidden_dim=16, group_size=8, seed=0),
     ])
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
     history = model.fit(x, y, batch_size=16, epochs=3, verbose=0)
