@@ -312,8 +312,9 @@ def metrics(dispatch, logits, importance=None, requested=None):
 
     Tokens with importance 0 are not counted. `expert_load` is each expert's
     share of `requested` (the choices before the capacity cut, `[g, s, e]`);
-    by default (and for expert selection) of the filled slots. Empty
-    denominators give 0.
+    by default (and for expert selection) of the filled slots.
+    `dropped_choices` is the share of the counted tokens' `requested` choices
+    that hold no slot. Empty denominators give 0.
     """
     logits, importance = _check_inputs(logits, importance)
     dispatch = np.asarray(dispatch, dtype=np.float64)
@@ -339,9 +340,20 @@ def metrics(dispatch, logits, importance=None, requested=None):
                     per_expert[ei] += float(requested[gi][t][ei])
     total = sum(per_expert)
     load = np.array([x / total if total else 0.0 for x in per_expert])
+    # The (token, choice) pairs of counted tokens, and how many of them kept a slot.
+    chose = kept = 0.0
+    for gi in range(g):
+        for t in range(s):
+            if importance[gi, t] <= 0.0:
+                continue
+            for ei in range(e):
+                held = min(float(dispatch[gi, t, ei].sum()), 1.0)
+                chose += held if requested is None else float(requested[gi][t][ei])
+                kept += held
     return {
         "routed_fraction": reached / counted if counted else 0.0,
         "dropped_fraction": (counted - reached) / counted if counted else 0.0,
+        "dropped_choices": max(chose - kept, 0.0) / chose if chose else 0.0,
         "expert_load": load,
         "max_load": float(load.max() / (1.0 / e)) if total else 0.0,
         "router_entropy": entropy_total / counted if counted else 0.0,

@@ -277,10 +277,12 @@ def test_top_k_under_jit_compile_equals_eager():
 
 
 def test_router_attributes():
-    assert tf_moe.TopKRouter().supports_dropless
-    assert tf_moe.TopKRouter().supports_causal  # nothing dropped
-    assert tf_moe.TopKRouter(capacity_factor=1.0, drop_policy="position").supports_causal
-    assert not tf_moe.TopKRouter(capacity_factor=1.0).supports_causal
+    assert tf_moe.TopKRouter().supports_dropless and tf_moe.TopKRouter.supports_causal
+    assert tf_moe.TopKRouter().causal  # nothing dropped
+    assert tf_moe.TopKRouter(capacity_factor=1.0, drop_policy="position").causal
+    assert not tf_moe.TopKRouter(capacity_factor=1.0).causal
+    with pytest.raises(ValueError, match="drop_policy='position'"):
+        tf_moe.TopKRouter(capacity_factor=1.0, causal=True)
     assert tf_moe.TopKRouter(balance_loss_type="sequence").uses_positions
     assert not tf_moe.TopKRouter().uses_positions
     layer = tf_moe.MoELayer(num_experts=4, router="top_k")

@@ -95,6 +95,8 @@ class InnerTop2Router(Top2Router):
     """
 
     _options = ("num_outer_experts",)
+    supports_causal = False
+    _not_causal = "its tokens are the outer experts' buffers, regrouped: they have no positions."
 
     def __init__(self, num_outer_experts, num_experts=None, capacity_factor_train=1.0,
                  capacity_factor_eval=1.0, **kwargs):
@@ -338,6 +340,10 @@ class HierarchicalMoELayer(MoEBase):
         self.inner_router = make_router(
             inner_router, y, seed=_offset_seed(seed, 1), name=None,
             owner="HierarchicalMoELayer(inner_router=...)", accepted={"top_2": InnerTop2Router})
+        if self.outer_router.causal:
+            raise ValueError(
+                "HierarchicalMoELayer cannot route causally: its inner level groups the outer "
+                "buffers, whose order is not the tokens'. Give outer_router causal=False.")
         if self.inner_router.num_outer_experts != x:
             raise ValueError(
                 f"inner_router has num_outer_experts={self.inner_router.num_outer_experts} "

@@ -23,7 +23,7 @@ from tf_moe.experts import FeedForwardExperts, serialize_activation
 from tf_moe.routers import Router
 
 # Names of the router metrics a MoE layer reports (prefixed by the layer name).
-METRICS = ("balance_loss", "z_loss", "dropped", "max_load")
+METRICS = ("balance_loss", "z_loss", "dropped", "dropped_choices", "max_load")
 
 
 def _check_even_width(width):
@@ -236,6 +236,7 @@ class MoEBase(_compat.ThreadLocalLosses, keras.layers.Layer):
         """A result's `fit` metrics, keyed as `METRICS` (with `prefix`)."""
         return {f"{prefix}balance_loss": result.balance_loss, f"{prefix}z_loss": result.z_loss,
                 f"{prefix}dropped": result.metrics["dropped_fraction"],
+                f"{prefix}dropped_choices": result.metrics["dropped_choices"],
                 f"{prefix}max_load": result.metrics["max_load"]}
 
     def compute_mask(self, inputs, mask=None):
@@ -338,9 +339,13 @@ class MoELayer(MoEBase):
     Losses (through `add_loss`): `loss_coef * balance_loss` in training and
     evaluation, plus `loss_coef * z_loss_coef * z_loss` in training (as
     Mesh-TF). Metrics shown by `fit`: `<name>_balance_loss`, `<name>_z_loss`,
-    `<name>_dropped` (fraction of tokens that reached no expert) and
-    `<name>_max_load` (the busiest expert's share of the token choices,
-    before capacity, over the mean share; 1 is perfect balance).
+    `<name>_dropped` (fraction of tokens that reached no expert),
+    `<name>_dropped_choices` (fraction of the tokens' chosen experts that
+    lost their slot to capacity: a top-2 token that keeps only its first
+    expert counts here, not in `dropped`) and `<name>_max_load` (the busiest
+    expert's share of the token choices, before capacity, over the mean
+    share; 1 is perfect balance), plus the router's own (`TopKRouter`'s
+    `expert_bias_spread`).
 
     Args:
         num_experts: `e`, int >= 1 (>= 2 for top-2).

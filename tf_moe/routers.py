@@ -50,6 +50,8 @@ class Router(keras.layers.Layer):
             for no capacity (nothing dropped) where the router allows it.
         capacity_factor_eval: the same in evaluation and inference.
         min_expert_capacity: the smallest capacity `c`, an int >= 1.
+        causal: bool: queue by position, then sequence, then choice, so that no
+            output depends on later positions (routers with `supports_causal`).
         kernel_initializer: initializer of the `[m, e]` kernel. Default: a
             truncated normal with variance `1 / m` (Mesh-TF's dense layers
             truncate without rescaling: 0.77 times that variance).
@@ -86,14 +88,24 @@ class Router(keras.layers.Layer):
 
     # The options `get_config` saves: each class lists its own, the base collects them.
     _options = ("num_experts", "seed", "word_embed_mode", "capacity_factor_train",
-                "capacity_factor_eval", "min_expert_capacity")
+                "capacity_factor_eval", "min_expert_capacity", "causal")
 
     min_experts = 1
+    _not_causal = "its routing of a token depends on the tokens after it."
     _k_experts = "uses its k={k} best experts"  # why it needs min_experts, for errors
     # What the router supports, for the layers and for users to read:
     supports_dropless = True  # a capacity factor of None: no capacity, nothing dropped
-    supports_causal = False  # a queue in which no token waits for a later one
-    uses_positions = False  # call takes `positions`, the tokens' places in their sequences
+    supports_causal = False  # can queue causally (`causal=True`): no token waits for a later one
+
+    @property
+    def causal(self):
+        """Whether the router queues causally (see `supports_causal`)."""
+        return self._causal
+
+    @property
+    def uses_positions(self):
+        """Whether `call` takes `positions`, the tokens' places in their sequences."""
+        return self.causal
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -102,10 +114,17 @@ class Router(keras.layers.Layer):
 
     @_checks.python_numbers
     def __init__(self, num_experts=None, *, capacity_factor_train=1.25, capacity_factor_eval=2.0,
-                 min_expert_capacity=4, kernel_initializer=None, seed=None,
+                 min_expert_capacity=4, causal=False, kernel_initializer=None, seed=None,
                  word_embed_mode=None, **kwargs):
         kwargs.pop("dtype", None)
         super().__init__(dtype="float32", **kwargs)
+        _checks.check_bool("causal", causal)
+        if causal and not self.supports_causal:
+            raise ValueError(
+                f"{type(self).__name__} cannot queue causally (causal=True): "
+                f"{self._not_causal} Causal routers: TopKRouter (drop_policy='position' or "
+                "no capacity), Top2Router, TopNRouter and SwitchRouter with causal=True.")
+        self._causal = bool(causal)
         if num_experts is not None:
             self._check_num_experts(num_experts)
         self.num_experts = num_experts
@@ -282,11 +301,12 @@ class Router(keras.layers.Layer):
         del result, importance
 
     def call(self, inputs, expert_capacity, importance=None, training=None,
-             token_embeddings=None):
-        # Passed on only when given, for subclasses whose `logits` predates the argument.
+             token_embeddings=None, positions=None):
+        # Passed on only when given, for subclasses whose `logits` and `route` predate them.
         logits = self.logits(inputs, bool(training),
                              **_checks.given(token_embeddings=token_embeddings))
-        return self.route(logits, expert_capacity, importance, bool(training))
+        return self.route(logits, expert_capacity, importance, bool(training),
+                          **_checks.given(positions=positions))
 
     def get_config(self):
         config = super().get_config()
@@ -326,6 +346,7 @@ class TopNRouter(Router):
     TensorShape([2, 16, 8])
     """
 
+    supports_causal = True
     _options = ("k", "second_policy_train", "second_policy_eval", "second_threshold_train",
                 "second_threshold_eval", "use_second_place_loss")
 
@@ -365,10 +386,11 @@ class TopNRouter(Router):
         """0.1's name of `k`."""
         return self.k
 
-    def route(self, logits, expert_capacity, importance, training):
+    def route(self, logits, expert_capacity, importance, training, positions=None):
         return routing.top_n_gating(
             logits,
             expert_capacity,
+            causal_positions=positions if self.causal else None,
             n=self.k,
             importance=importance,
             second_policy=self.second_policy_train if training else self.second_policy_eval,
@@ -554,6 +576,7 @@ class SwitchRouter(_ExploringRouter):
     TensorShape([2, 16, 8])
     """
 
+    supports_causal = True
     _options = ("temperature",)
 
     policies = routing.SWITCH_POLICIES
@@ -569,11 +592,12 @@ class SwitchRouter(_ExploringRouter):
         _checks.check_number("temperature", temperature, 0.0)
         self.temperature = temperature
 
-    def route(self, logits, expert_capacity, importance, training):
+    def route(self, logits, expert_capacity, importance, training, positions=None):
+        causal = {"causal_positions": positions} if self.causal else {}
         return self.gating(
             logits, expert_capacity, importance=importance, policy=self.policy(training),
             temperature=self.temperature, seed=self.random_seed(training),
-            **self.exploration(training))
+            **self.exploration(training), **causal)
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
@@ -596,6 +620,9 @@ class SwitchMaxRouter(SwitchRouter):
     TensorShape([2, 16, 8])
     """
 
+    supports_causal = False
+    _not_causal = ("each expert keeps the tokens that gave it the highest gates in the whole "
+                   "group, later ones included.")
     gating = staticmethod(routing.switch_max_gating)
 
 
@@ -629,6 +656,8 @@ class NTLBRouter(_ExploringRouter):
     TensorShape([2, 16, 8])
     """
 
+    _not_causal = ("a token's fallback experts depend on how full the buffers are after "
+                   "every token's first choice, later tokens' included.")
     _options = ("k",)
 
     _k_experts = "may try its k={k} best experts"
@@ -685,6 +714,7 @@ class ExpertSelectionRouter(_InputPolicyRouter):
 
     _options = ("normalize_by_num_experts_routed",)
 
+    _not_causal = "each expert picks its top-c tokens of the whole group, later ones included."
     supports_dropless = False  # each expert takes its top-c tokens: c is the rule itself
 
     def __init__(self, num_experts=None, policy_train="input_jitter",
@@ -832,6 +862,7 @@ class TopKRouter(Router):
             if key in kwargs:
                 raise TypeError(f"TopKRouter has one capacity_factor for training and "
                                 f"evaluation (Megatron's), not {key}.")
+        causal = kwargs.pop("causal", False)  # what the options imply, checked below
         super().__init__(num_experts, capacity_factor_train=capacity_factor,
                          capacity_factor_eval=capacity_factor, **kwargs)
         _checks.check_choice("score", score, routing.SCORES)
@@ -860,6 +891,12 @@ class TopKRouter(Router):
         self.drop_policy = drop_policy
         if num_experts is not None:
             self._check_expert_groups(num_experts)
+        _checks.check_bool("causal", causal)
+        if causal and not self.causal:
+            raise ValueError(
+                "TopKRouter(causal=True) needs drop_policy='position' (the earliest positions "
+                "keep their slots) or capacity_factor=None (nothing dropped); with "
+                "drop_policy='probs' a later token's higher gate takes an earlier one's slot.")
         self.metric_names = ("expert_bias_spread",) if self.use_expert_bias else ()
 
     @property
@@ -870,8 +907,10 @@ class TopKRouter(Router):
     def uses_positions(self):
         return self.balance_loss_type == "sequence" or self.drop_policy == "position"
 
+    supports_causal = True  # with drop_policy="position", or no capacity
+
     @property
-    def supports_causal(self):
+    def causal(self):
         """Causal when nothing is dropped, or when the earliest positions keep their slots."""
         return self.capacity_factor is None or self.drop_policy == "position"
 

@@ -82,7 +82,10 @@ class RoutingResult(_RoutingFields):
             (see `router_z_loss`), before its coefficient.
         metrics: dict of float32 tensors: `routed_fraction` and
             `dropped_fraction` (of the tokens with importance > 0, the share
-            that reached at least one expert / no expert), `expert_load` `[e]`
+            that reached at least one expert / no expert), `dropped_choices`
+            (of the (token, choice) pairs the router chose, the share that
+            lost their slot to capacity; choices a policy declined, such as
+            top-2's random second, do not count), `expert_load` `[e]`
             (each expert's share of the tokens' choices before capacity cut
             them, i.e. the demand; for expert selection, of the filled slots),
             `max_load` (the busiest expert's share of the token choices over
@@ -103,7 +106,7 @@ class RoutingResult(_RoutingFields):
     >>> bool(tf.reduce_all(dispatch == tf.cast(combine > 0, tf.float32)))
     True
     >>> sorted(r.metrics)
-    ['dropped_fraction', 'expert_load', 'max_load', 'routed_fraction', 'router_entropy']
+    ['dropped_choices', 'dropped_fraction', 'expert_load', 'max_load', 'routed_fraction', 'router_entropy']
     """
 
     def __new__(cls, dispatch_tensor=None, combine_tensor=None, aux_loss=None, z_loss=None,
@@ -278,6 +281,7 @@ def top_2_gating(
     second_threshold=0.2,
     use_second_place_loss=False,
     seed=None,
+    causal_positions=None,
 ):
     """Top-2 gating of Mesh-TF's `_top_2_gating` (GShard).
 
@@ -302,6 +306,9 @@ def top_2_gating(
             the second choices (renormalised gates without the top one; unlike
             Mesh-TF, tokens with importance 0 do not count in it).
         seed: `None`, an int, or a `keras.random.SeedGenerator`, for `"random"`.
+        causal_positions: None for Mesh-TF's queue, or the tokens'
+            `tf_moe.grouping.TokenPositions` for the causal queue (see
+            `top_n_gating`).
 
     Returns:
         A `RoutingResult`.
@@ -314,7 +321,7 @@ def top_2_gating(
     return top_n_gating(
         logits, expert_capacity, n=2, importance=importance, second_policy=second_policy,
         second_threshold=second_threshold, use_second_place_loss=use_second_place_loss,
-        seed=seed)
+        seed=seed, causal_positions=causal_positions)
 
 
 def top_n_gating(
@@ -327,6 +334,7 @@ def top_n_gating(
     second_threshold=0.2,
     use_second_place_loss=False,
     seed=None,
+    causal_positions=None,
 ):
     """Top-n gating of Mesh-TF's `_top_n_gating`; `n=2` is `top_2_gating`.
 
@@ -355,6 +363,11 @@ def top_n_gating(
         second_threshold: float, see `top_2_gating`.
         use_second_place_loss: bool, see above.
         seed: `None`, an int, or a `keras.random.SeedGenerator`.
+        causal_positions: None for Mesh-TF's queue, or the tokens'
+            `tf_moe.grouping.TokenPositions`: the causal queue, a tf_moe
+            addition (see `_CausalQueue`), in which no choice waits for a
+            token at a later position, so later tokens never push out earlier
+            ones' choices.
 
     Returns:
         A `RoutingResult`.
@@ -401,7 +414,7 @@ def top_n_gating(
             normalized *= _importance_weight(importance, logits, lambda imp: imp > 0.0)[..., None]
         balance_loss += 0.5 * _balance_loss(normalized, masks[1])
 
-    queue = _BufferQueue(expert_capacity)
+    queue = _queue(expert_capacity, causal_positions)
     for k, (mask, gate) in enumerate(zip(masks, gates)):
         if k > 0:
             mask = _second_place_policy(mask, gate, second_policy, second_threshold, seed, k - 1)
@@ -419,6 +432,7 @@ def switch_gating(
     second_place_expert_prob=None,
     second_place_temperature=None,
     seed=None,
+    causal_positions=None,
 ):
     """Switch (top-1) gating of Mesh-TF's `_switch_gating`.
 
@@ -467,7 +481,7 @@ def switch_gating(
     """
     return _switch(logits, expert_capacity, importance, policy, temperature,
                    (second_place_expert_prob, second_place_temperature), seed,
-                   batch_prioritized=False)
+                   batch_prioritized=False, causal_positions=causal_positions)
 
 
 def switch_max_gating(
@@ -559,7 +573,7 @@ def _routed_only(importance, logits, *tensors):
 
 
 def _switch(logits, expert_capacity, importance, policy, temperature, exploration, seed,
-            batch_prioritized):
+            batch_prioritized, causal_positions=None):
     if not isinstance(temperature, (int, float)) or temperature < 0:
         raise ValueError(f"temperature must be a number >= 0, got {temperature!r}.")
     logits, raw_gates = _switch_logits(logits, policy, SWITCH_POLICIES, exploration, seed)
@@ -578,7 +592,7 @@ def _switch(logits, expert_capacity, importance, policy, temperature, exploratio
         gates = (gate[..., None] * mask) * tf.cast(taken >= 0, tf.float32)
         return _result((taken, gates), balance_loss, logits, importance, requested=mask,
                        expert_capacity=expert_capacity)
-    queue = _BufferQueue(expert_capacity)
+    queue = _queue(expert_capacity, causal_positions)
     queue.push(mask, gate)
     return _result(queue, balance_loss, logits, importance)
 
@@ -931,6 +945,86 @@ class _BufferQueue:
         return slots, gates
 
 
+class _CausalQueue:
+    """Expert buffers filled in causal order: by position, then sequence, then choice.
+
+    The entries of all pushes are queued together, token by token in the
+    order of `causal_order` (position, then sequence), each token's choices
+    in rank order: a choice's position is the number of entries before it
+    that chose the same expert. No entry waits for a token at a later
+    position, so the slots, and the outputs, at positions `<= t` of every
+    sequence never depend on positions `> t` of any sequence. A tf_moe
+    addition: Mesh-TF queues every first choice of the group before any
+    second choice, so later tokens can push out earlier tokens' second
+    choices.
+    """
+
+    def __init__(self, expert_capacity, positions):
+        _checks.check_capacity(expert_capacity)
+        self.capacity = expert_capacity
+        self.positions = positions
+        self.requested = 0.0
+        self.masks, self.gates = [], []
+
+    def push(self, mask, gate):
+        self.requested += mask
+        self.masks.append(mask)
+        self.gates.append(gate)
+
+    def sparse(self):
+        shape = tf.shape(self.masks[0])
+        num_experts, n = self.masks[0].shape[-1], len(self.masks)
+        masks = tf.reshape(tf.stack(self.masks, axis=-2),
+                           [-1, shape[-2], n, num_experts])  # [G, s, n, e]
+        order = causal_order(self.positions, masks)  # [G, s]
+        queue = tf.gather(masks, order, batch_dims=1)
+        position = tf.cumsum(tf.reshape(queue, [tf.shape(queue)[0], -1, num_experts]),
+                             axis=-2, exclusive=True)  # [G, s * n, e]
+        position = tf.gather(tf.reshape(position, tf.shape(masks)),
+                             tf.argsort(order, axis=-1, stable=True), batch_dims=1)
+        kept = masks * tf.cast(position < tf.cast(self.capacity, tf.float32), tf.float32)
+        slots = tf.cast(tf.reduce_sum(position * kept, axis=-2), tf.int32)  # [G, s, e]
+        gates = tf.reshape(tf.stack(self.gates, axis=-1), [-1, shape[-2], n])  # [G, s, n]
+        gates = tf.reduce_sum(gates[..., None] * kept, axis=-2)
+        return tf.reshape(slots, shape), tf.reshape(gates, shape)
+
+
+def _queue(expert_capacity, causal_positions):
+    """Mesh-TF's queue, or the causal one when the tokens' positions are given."""
+    if causal_positions is None:
+        return _BufferQueue(expert_capacity)
+    return _CausalQueue(expert_capacity, causal_positions)
+
+
+def causal_order(positions, tokens):
+    """The tokens of each group by position, then sequence: int32 `[G, s]`.
+
+    Args:
+        positions: a `tf_moe.grouping.TokenPositions` of `[..., s]`, or None
+            (the tokens' own order).
+        tokens: any tensor `[G, s, ...]` of the groups, for their shape.
+
+    Returns:
+        For each of the `G` groups, the indices of its `s` tokens in that order
+        (padding, at position -1, first; it takes no slot).
+
+    Example:
+    >>> positions = tf_moe.grouping.TokenPositions(tf.constant([[0, 0, 1, 1]]),
+    ...                                            tf.constant([[0, 1, 0, 1]]))
+    >>> causal_order(positions, tf.zeros([1, 4])).numpy().tolist()
+    [[0, 2, 1, 3]]
+    """
+    shape = tf.shape(tokens)
+    if positions is None:
+        return tf.broadcast_to(tf.range(shape[1])[None], shape[:2])
+    sequence = tf.reshape(positions.sequence, shape[:2])
+    position = tf.reshape(positions.position, shape[:2])
+    by_sequence = tf.argsort(sequence, axis=-1, stable=True)
+    then_position = tf.argsort(tf.gather(position, by_sequence, batch_dims=1), axis=-1,
+                               stable=True)
+    return tf.gather(by_sequence, then_position, batch_dims=1)
+
+
 def _experts_take_top_c(scores, expert_capacity):
     """Slot `j` of expert `e` takes the token with the `j`-th highest score.
 
@@ -966,7 +1060,7 @@ def _balance_loss(density_proxy, mask):
 
 def _result(choices, balance_loss, logits, importance, requested=None, expert_capacity=None):
     """The `RoutingResult` of `choices`, a `_BufferQueue` or `(slots, gates)` `[..., s, e]`."""
-    if isinstance(choices, _BufferQueue):
+    if isinstance(choices, (_BufferQueue, _CausalQueue)):
         expert_capacity, requested = choices.capacity, choices.requested
         choices = choices.sparse()
     slots, gates = choices
@@ -1018,6 +1112,10 @@ def _choice_metrics(dispatched, logits, importance=None, requested=None):
 
     if requested is None:
         requested = dispatched
+    # Choices that found no slot: what capacity took, not what a policy declined.
+    chose = tf.reduce_sum(requested * counted[..., None])
+    kept = tf.reduce_sum(tf.minimum(dispatched, 1.0) * counted[..., None])
+    dropped_choices = tf.maximum(chose - kept, 0.0) / tf.maximum(chose, 1.0)
     per_expert = tf.reduce_sum(tf.reshape(requested, [-1, num_experts]), axis=0)
     load = per_expert / tf.maximum(tf.reduce_sum(per_expert), 1.0)
 
@@ -1027,6 +1125,7 @@ def _choice_metrics(dispatched, logits, importance=None, requested=None):
     return {
         "routed_fraction": routed,
         "dropped_fraction": dropped,
+        "dropped_choices": dropped_choices,
         "expert_load": load,
         "max_load": tf.reduce_max(load) * float(num_experts),
         "router_entropy": entropy,
@@ -1307,19 +1406,10 @@ def _priority_rank(chosen, gates, policy, positions):
                            stable=True)  # [G, e, s]: the tokens of each queue, first first
         rank = tf.transpose(tf.argsort(order, axis=-1, stable=True), [0, 2, 1])
         return tf.reshape(rank, shape)
-    if positions is None:
-        order = None
-    else:
-        sequence = tf.reshape(positions.sequence, [-1, shape[-2]])
-        position = tf.reshape(positions.position, [-1, shape[-2]])
-        by_sequence = tf.argsort(sequence, axis=-1, stable=True)
-        order = tf.gather(by_sequence, tf.argsort(
-            tf.gather(position, by_sequence, batch_dims=1), axis=-1, stable=True),
-            batch_dims=1)  # [G, s]: the group's tokens by position, then sequence
-    queued = flat_chosen if order is None else tf.gather(flat_chosen, order, batch_dims=1)
+    order = causal_order(positions, flat_chosen)  # [G, s]: by position, then sequence
+    queued = tf.gather(flat_chosen, order, batch_dims=1)
     rank = tf.cast(tf.math.cumsum(queued, axis=-2, exclusive=True), tf.int32)
-    if order is not None:
-        rank = tf.gather(rank, tf.argsort(order, axis=-1, stable=True), batch_dims=1)
+    rank = tf.gather(rank, tf.argsort(order, axis=-1, stable=True), batch_dims=1)
     return tf.reshape(rank, shape)
 
 
