@@ -12,12 +12,14 @@ determinism outside training.
 """
 
 import math
+import re
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import tf_moe
 from numpy_reference import argmax, logsumexp, softmax
 from tf_moe.hierarchical import HierarchicalMoELayer, InnerTop2Router
 
@@ -227,24 +229,38 @@ def reference_forward(inputs, mask, weights, cfg, training):
 # Helpers.
 
 
+def level_routers(cfg):
+    """The two routers of a reference config: 0.1's flat options, now on each router.
+
+    The policies, thresholds, second-place loss and smallest capacity are both
+    routers'; the outer router has the train/eval capacity factors, the inner one
+    the second-level factor in training and evaluation. The inner router is given
+    as a `Top2Router`, which the layer copies into an `InnerTop2Router` with its
+    capacity factors.
+    """
+    both = dict(second_policy_train=cfg["policy_train"], second_policy_eval=cfg["policy_eval"],
+                second_threshold_train=cfg["threshold"], second_threshold_eval=cfg["threshold"],
+                use_second_place_loss=cfg.get("use_second_place_loss", False),
+                min_expert_capacity=cfg["min_expert_capacity"])
+    outer = tf_moe.Top2Router(capacity_factor_train=cfg["capacity_factor_train"],
+                              capacity_factor_eval=cfg["capacity_factor_eval"], **both)
+    inner = tf_moe.Top2Router(capacity_factor_train=cfg["capacity_factor_second_level"],
+                              capacity_factor_eval=cfg["capacity_factor_second_level"], **both)
+    return outer, inner
+
+
 def make_layer(cfg, activations=("relu",), **kwargs):
+    outer, inner = level_routers(cfg)
     return HierarchicalMoELayer(
         num_experts=cfg["num_experts"],
         expert_hidden_dim=cfg["hidden"],
+        outer_router=outer,
+        inner_router=inner,
         group_size=cfg["group_size"],
-        capacity_factor_train=cfg["capacity_factor_train"],
-        capacity_factor_eval=cfg["capacity_factor_eval"],
-        capacity_factor_second_level=cfg["capacity_factor_second_level"],
-        min_expert_capacity=cfg["min_expert_capacity"],
         loss_coef=cfg["loss_coef"],
         z_loss_coef=cfg.get("z_loss_coef"),
         activation=list(activations) if len(activations) > 1 else activations[0],
         output_dim=cfg.get("output_dim"),
-        second_policy_train=cfg["policy_train"],
-        second_policy_eval=cfg["policy_eval"],
-        second_threshold_train=cfg["threshold"],
-        second_threshold_eval=cfg["threshold"],
-        use_second_place_loss=cfg.get("use_second_place_loss", False),
         **kwargs,
     )
 
@@ -252,18 +268,19 @@ def make_layer(cfg, activations=("relu",), **kwargs):
 def set_random_weights(layer, rng, m):
     """Hand-made weights; router kernels scaled up so routing is decisive."""
     x, y = layer.num_experts
-    f = layer.wo.shape[2]
-    n = layer.wo.shape[3]
+    experts = layer.experts  # FeedForwardExperts with num_experts=(x, y)
+    f = experts.wo.shape[2]
+    n = experts.wo.shape[3]
     wx = (rng.standard_normal((m, x)) * 2.0 / math.sqrt(m)).astype("float32")
     wy = (rng.standard_normal((x, m, y)) * 2.0 / math.sqrt(m)).astype("float32")
     wi = [(rng.standard_normal((x, y, m, f)) / math.sqrt(m)).astype("float32")
-          for _ in layer.wi]
+          for _ in experts.wi]
     wo = (rng.standard_normal((x, y, f, n)) / math.sqrt(f)).astype("float32")
     layer.outer_router.kernel.assign(wx)
     layer.inner_router.kernel.assign(wy)
-    for variable, value in zip(layer.wi, wi):
+    for variable, value in zip(experts.wi, wi):
         variable.assign(value)
-    layer.wo.assign(wo)
+    experts.wo.assign(wo)
     return wx, wy, wi, wo
 
 
@@ -393,14 +410,18 @@ def test_fit_lowers_the_loss_and_reports_metrics():
 
 
 def test_get_config_round_trip():
-    layer = HierarchicalMoELayer(num_experts=(3, 5), expert_hidden_dim=7, group_size=33,
-                                 capacity_factor_train=1.5, capacity_factor_eval=3.0,
-                                 capacity_factor_second_level=1.25, min_expert_capacity=2,
-                                 loss_coef=0.5, z_loss_coef=0.1, activation=["gelu", "linear"],
-                                 output_dim=4, expert_dropout_rate=0.1,
-                                 second_policy_train="threshold", second_policy_eval="none",
-                                 second_threshold_train=0.3, second_threshold_eval=0.1,
-                                 use_second_place_loss=True, seed=3, name="h")
+    layer = HierarchicalMoELayer(
+        num_experts=(3, 5), expert_hidden_dim=7, group_size=33,
+        outer_router=tf_moe.Top2Router(
+            capacity_factor_train=1.5, capacity_factor_eval=3.0, min_expert_capacity=2,
+            second_policy_train="threshold", second_policy_eval="none",
+            second_threshold_train=0.3, second_threshold_eval=0.1, use_second_place_loss=True),
+        inner_router=InnerTop2Router(
+            3, capacity_factor_train=1.25, capacity_factor_eval=1.25, min_expert_capacity=2,
+            second_policy_train="threshold", second_policy_eval="none",
+            second_threshold_train=0.3, second_threshold_eval=0.1, use_second_place_loss=True),
+        loss_coef=0.5, z_loss_coef=0.1, activation=["gelu", "linear"], output_dim=4,
+        expert_dropout_rate=0.1, seed=3, name="h")
     config = layer.get_config()
     clone = HierarchicalMoELayer.from_config(config)
     assert clone.get_config() == config
@@ -409,6 +430,116 @@ def test_get_config_round_trip():
         HierarchicalMoELayer
     router = InnerTop2Router(3, 5, second_policy_eval="all", seed=2)
     assert InnerTop2Router.from_config(router.get_config()).get_config() == router.get_config()
+
+
+def test_inner_router_defaults_to_mesh_tf_second_level_capacity():
+    """Issue 14: `capacity_factor_second_level` (1.0) is the inner router's own capacity."""
+    layer = HierarchicalMoELayer(num_experts=(4, 3), seed=5)
+    inner, outer = layer.inner_router, layer.outer_router
+    assert type(inner) is InnerTop2Router and type(outer) is tf_moe.Top2Router
+    assert (inner.capacity_factor_train, inner.capacity_factor_eval) == (1.0, 1.0)
+    assert (outer.capacity_factor_train, outer.capacity_factor_eval) == (1.25, 2.0)
+    assert inner.min_expert_capacity == outer.min_expert_capacity == 4
+    for training in (True, False):
+        assert inner.expert_capacity(60, training) == 20  # int(60 * 1.0 / 3)
+    assert outer.expert_capacity(64, True) == 20  # int(64 * 1.25 / 4)
+    assert outer.expert_capacity(64, False) == 32  # int(64 * 2.0 / 4)
+    assert (outer.seed, inner.seed) == (5, 6)
+    # The layer routes each level with its router's capacity: one group of s = 60 tokens,
+    # c = int(60 * 1.25 / 4) = 18 (training) or 30 outer slots, regrouped into t = c, and
+    # d = int(t * 1.0 / 3) inner slots.
+    tokens = np.random.default_rng(0).standard_normal((2, 30, 8)).astype("float32")
+    layer.build(tokens.shape)
+    for training, c, d in ((True, 18, 6), (False, 30, 10)):
+        routed = layer._route(tf.constant(tokens), None, training)
+        assert (routed["outer"].expert_capacity, routed["inner"].expert_capacity) == (c, d)
+    standalone = InnerTop2Router(4, 3)
+    assert (standalone.capacity_factor_train, standalone.capacity_factor_eval) == (1.0, 1.0)
+
+
+def test_a_top_2_router_given_as_inner_router_is_copied_with_all_its_options():
+    given = tf_moe.Top2Router(
+        second_policy_train="threshold", second_policy_eval="none", second_threshold_train=0.3,
+        second_threshold_eval=0.05, use_second_place_loss=True, capacity_factor_train=1.5,
+        capacity_factor_eval=None, min_expert_capacity=2,
+        kernel_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=4), trainable=False)
+    layer = HierarchicalMoELayer(num_experts=(2, 3), inner_router=given, seed=7, name="h")
+    inner = layer.inner_router
+    assert type(inner) is InnerTop2Router and inner is not given
+    assert (inner.num_outer_experts, inner.num_experts) == (2, 3)
+    expected = dict(given.get_config(), name="h_inner_router", num_experts=3, seed=8,
+                    num_outer_experts=2)
+    assert inner.get_config() == expected
+    # Its capacity factors are the given router's, not the inner default of 1.0.
+    assert inner.expert_capacity(30, training=True) == 15  # int(30 * 1.5 / 3)
+    assert inner.expert_capacity(30, training=False) is None  # drops nothing in evaluation
+    assert not inner.trainable
+    layer.build((None, 8))
+    assert inner.kernel.shape == (2, 8, 3)
+    np.testing.assert_allclose(np.std(inner.kernel.numpy()), 0.5, rtol=0.3)
+    with pytest.raises(ValueError, match="never built"):
+        built = tf_moe.Top2Router(3)
+        built.build((None, 8))
+        HierarchicalMoELayer(num_experts=(2, 3), inner_router=built)
+
+
+def _non_default_routers():
+    outer = tf_moe.Top2Router(second_policy_train="threshold", second_policy_eval="random",
+                              second_threshold_eval=0.35, capacity_factor_train=0.9,
+                              capacity_factor_eval=1.1, min_expert_capacity=1,
+                              use_second_place_loss=True, seed=21)
+    inner = InnerTop2Router(2, second_policy_train="all", second_policy_eval="threshold",
+                            second_threshold_eval=0.3, capacity_factor_train=0.75,
+                            capacity_factor_eval=0.8, min_expert_capacity=1)
+    return outer, inner
+
+
+def test_config_round_trip_with_non_default_routers_predicts_identically():
+    x = np.random.default_rng(3).standard_normal((3, 20, 8)).astype("float32")
+    outer, inner = _non_default_routers()
+    layer = HierarchicalMoELayer(num_experts=(2, 3), expert_hidden_dim=12, group_size=16,
+                                 outer_router=outer, inner_router=inner, z_loss_coef=0.1,
+                                 activation=["gelu", "linear"], seed=11, name="h")
+    expected = [layer(x, training=False).numpy(), layer.route(x)["gates"].numpy()]
+    clone = HierarchicalMoELayer.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+    assert clone.outer_router.get_config() == outer.get_config()
+    assert clone.inner_router.get_config() == inner.get_config()
+    assert inner.seed == 12  # no seed of its own: the layer's seed + 1
+    clone.build(x.shape)
+    clone.set_weights(layer.get_weights())
+    np.testing.assert_array_equal(clone(x, training=False).numpy(), expected[0])
+    np.testing.assert_array_equal(clone.route(x)["gates"].numpy(), expected[1])
+    # The routing is the routers': some tokens overflow, some second choices are not kept.
+    assert 0.0 < float(layer.route(x)["dropped_fraction"]) < 1.0
+    # Training draws the same from the same checkpointed streams.
+    np.testing.assert_array_equal(clone(x, training=True).numpy(),
+                                  layer(x, training=True).numpy())
+
+
+def test_keras_file_with_non_default_routers_loads_and_predicts_identically(tmp_path):
+    keras.utils.set_random_seed(4)
+    x, y = clustered_task(32, seed=5)
+    outer, inner = _non_default_routers()
+    model = keras.Sequential([
+        keras.Input((None, 8)),
+        HierarchicalMoELayer(num_experts=(2, 3), group_size=16, outer_router=outer,
+                             inner_router=inner, name="h"),
+        keras.layers.Dense(8),
+    ])
+    model.compile("adam", "mse")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    before = model.predict(x, verbose=0)
+    path = str(tmp_path / "routers.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), before)
+    layer = loaded.get_layer("h")
+    assert type(layer.inner_router) is InnerTop2Router
+    assert layer.outer_router.get_config() == outer.get_config()
+    assert layer.inner_router.get_config() == inner.get_config()
+    for a, b in zip(model.get_layer("h").weights, layer.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
 
 
 def test_save_and_load_give_identical_outputs(tmp_path):
@@ -445,7 +576,7 @@ def test_mixed_precision_is_finite_with_float32_routers(policy):
     assert layer.inner_router.kernel.dtype == "float32"
     assert layer.outer_router.compute_dtype == "float32"
     assert layer.inner_router.compute_dtype == "float32"
-    assert layer.wi[0].dtype == "float32"  # variables in float32, computed in 16 bits
+    assert layer.experts.wi[0].dtype == "float32"  # variables in float32, computed in 16 bits
 
 
 def test_jit_compile_fit_and_predict():
@@ -453,8 +584,10 @@ def test_jit_compile_fit_and_predict():
     x, y = clustered_task(48, seed=3)
     # Inference with the "all" policy: the "random" one draws its stateless noise
     # with TF's "auto_select" algorithm, which differs between XLA and eager.
-    layer = HierarchicalMoELayer(num_experts=(2, 2), group_size=32, z_loss_coef=1e-3,
-                                 second_policy_eval="all")
+    layer = HierarchicalMoELayer(
+        num_experts=(2, 2), group_size=32, z_loss_coef=1e-3,
+        outer_router=tf_moe.Top2Router(second_policy_eval="all"),
+        inner_router=InnerTop2Router(2, second_policy_eval="all"))
     model = keras.Sequential([keras.Input((None, 8)), layer])
     model.compile("adam", "mse", jit_compile=True)
     history = model.fit(x, y, batch_size=16, epochs=1, verbose=0).history
@@ -512,14 +645,7 @@ def test_keras_mask_is_used_and_passed_on():
     (dict(num_experts=(4.0, 2)), ValueError, "num_experts"),
     (dict(num_experts=(True, 2)), ValueError, "num_experts"),
     (dict(num_experts=(2, 2, 2)), ValueError, "num_experts"),
-    (dict(capacity_factor_train=0), ValueError, "capacity_factor_train"),
-    (dict(capacity_factor_eval=-1.0), ValueError, "capacity_factor_eval"),
-    (dict(capacity_factor_second_level=0.0), ValueError, "capacity_factor_second_level"),
     (dict(group_size=0), ValueError, "group_size"),
-    (dict(min_expert_capacity=0), ValueError, "min_expert_capacity"),
-    (dict(second_policy_train="top"), ValueError, "second_policy_train"),
-    (dict(second_policy_eval="sample"), ValueError, "second_policy_eval"),
-    (dict(second_threshold_eval=-0.1), ValueError, "second_threshold_eval"),
     (dict(expert_hidden_dim=0), ValueError, "expert_hidden_dim"),
     (dict(expert_dropout_rate=1.0), ValueError, "expert_dropout_rate"),
     (dict(loss_coef=-1.0), ValueError, "loss_coef"),
@@ -529,6 +655,116 @@ def test_keras_mask_is_used_and_passed_on():
 def test_bad_arguments_raise_naming_the_argument(kwargs, error, argument):
     with pytest.raises(error, match=argument):
         HierarchicalMoELayer(**kwargs)
+
+
+# The routers' options, on the router objects: (router class, arguments, error, argument).
+# The inner router's capacity factors are the former capacity_factor_second_level.
+BAD_ROUTER_OPTIONS = [
+    (tf_moe.Top2Router, dict(capacity_factor_train=0), ValueError, "capacity_factor_train"),
+    (tf_moe.Top2Router, dict(capacity_factor_eval=-1.0), ValueError, "capacity_factor_eval"),
+    (InnerTop2Router, dict(capacity_factor_train=0.0), ValueError, "capacity_factor_train"),
+    (InnerTop2Router, dict(capacity_factor_eval=float("inf")), ValueError,
+     "capacity_factor_eval"),
+    (tf_moe.Top2Router, dict(min_expert_capacity=0), ValueError, "min_expert_capacity"),
+    (InnerTop2Router, dict(min_expert_capacity=1.5), ValueError, "min_expert_capacity"),
+    (tf_moe.Top2Router, dict(second_policy_train="top"), ValueError, "second_policy_train"),
+    (InnerTop2Router, dict(second_policy_eval="sample"), ValueError, "second_policy_eval"),
+    (tf_moe.Top2Router, dict(second_threshold_eval=-0.1), ValueError, "second_threshold_eval"),
+    (InnerTop2Router, dict(second_threshold_train="0.2"), ValueError, "second_threshold_train"),
+    (InnerTop2Router, dict(word_embed_mode="concat"), ValueError, "word_embed_mode"),
+]
+
+
+@pytest.mark.parametrize("router, kwargs, error, argument", BAD_ROUTER_OPTIONS,
+                         ids=[f"{r.__name__}-{a}" for r, _, _, a in BAD_ROUTER_OPTIONS])
+def test_bad_router_options_raise_naming_the_argument(router, kwargs, error, argument):
+    args = (2,) if router is InnerTop2Router else ()  # num_outer_experts
+    with pytest.raises(error, match=argument):
+        router(*args, **kwargs)
+
+
+def test_inner_router_needs_its_number_of_outer_groups():
+    with pytest.raises(ValueError, match="num_outer_experts"):
+        InnerTop2Router(0)
+    with pytest.raises(ValueError, match=r"num_outer_experts=3 but the layer has x=2"):
+        HierarchicalMoELayer(num_experts=(2, 2), inner_router=InnerTop2Router(3))
+    with pytest.raises(ValueError, match=r"num_experts=3 but the layer has num_experts=2"):
+        HierarchicalMoELayer(num_experts=(2, 2), inner_router=tf_moe.Top2Router(3))
+
+
+# 0.1's flat arguments of HierarchicalMoELayer: a TypeError that gives the new spelling.
+OLD_FLAT_ARGUMENTS = [
+    ("capacity_factor_train", 1.5,
+     "outer_router=tf_moe.Top2Router(capacity_factor_train=1.5)"),
+    ("capacity_factor_eval", 3.0, "outer_router=tf_moe.Top2Router(capacity_factor_eval=3.0)"),
+    ("capacity_factor_second_level", 2.0, "inner_router=tf_moe.InnerTop2Router(3, "
+     "capacity_factor_train=2.0, capacity_factor_eval=2.0)"),
+    ("min_expert_capacity", 2, "outer_router=tf_moe.Top2Router(min_expert_capacity=2), "
+     "inner_router=tf_moe.InnerTop2Router(3, min_expert_capacity=2)"),
+    ("second_policy_train", "all", "outer_router=tf_moe.Top2Router(second_policy_train='all'), "
+     "inner_router=tf_moe.InnerTop2Router(3, second_policy_train='all')"),
+    ("second_policy_eval", "none", "outer_router=tf_moe.Top2Router(second_policy_eval='none'), "
+     "inner_router=tf_moe.InnerTop2Router(3, second_policy_eval='none')"),
+    ("second_threshold_train", 0.3, "outer_router=tf_moe.Top2Router(second_threshold_train=0.3)"
+     ", inner_router=tf_moe.InnerTop2Router(3, second_threshold_train=0.3)"),
+    ("second_threshold_eval", 0.1, "outer_router=tf_moe.Top2Router(second_threshold_eval=0.1), "
+     "inner_router=tf_moe.InnerTop2Router(3, second_threshold_eval=0.1)"),
+    ("use_second_place_loss", True, "outer_router=tf_moe.Top2Router(use_second_place_loss=True)"
+     ", inner_router=tf_moe.InnerTop2Router(3, use_second_place_loss=True)"),
+    ("dropless", True, "outer_router=tf_moe.Top2Router(capacity_factor_train=None, "
+     "capacity_factor_eval=None), inner_router=tf_moe.InnerTop2Router(3, "
+     "capacity_factor_train=None, capacity_factor_eval=None)"),
+]
+
+
+@pytest.mark.parametrize("option, value, spelling", OLD_FLAT_ARGUMENTS,
+                         ids=[option for option, _, _ in OLD_FLAT_ARGUMENTS])
+def test_old_flat_router_arguments_raise_with_the_new_spelling(option, value, spelling):
+    with pytest.raises(TypeError, match=re.escape(f"HierarchicalMoELayer({spelling})")):
+        HierarchicalMoELayer(num_experts=(3, 2), **{option: value})
+    # The spelling given works, and sets what 0.1's flat argument set.
+    layer = eval(f"HierarchicalMoELayer(num_experts=(3, 2), {spelling})",  # noqa: S307
+                 {"HierarchicalMoELayer": HierarchicalMoELayer, "tf_moe": tf_moe})
+    routers = (layer.outer_router, layer.inner_router)
+    if option == "dropless":
+        assert all(r.expert_capacity(64, training) is None
+                   for r in routers for training in (True, False))
+    elif option == "capacity_factor_second_level":
+        assert layer.inner_router.capacity_factor_train == value
+        assert layer.inner_router.capacity_factor_eval == value
+    else:
+        for router in routers if spelling.count("Router(") == 2 else routers[:1]:
+            assert getattr(router, option) == value
+
+
+@pytest.mark.parametrize("option, value", [("switch_policy_train", "argmax"),
+                                           ("top_n_num_experts_per_token", 3),
+                                           ("word_embed_mode", "concat")])
+def test_options_of_other_routers_raise_naming_the_two_routers(option, value):
+    with pytest.raises(TypeError, match=rf"HierarchicalMoELayer takes no {option}=.*"
+                                        r"outer_router= and inner_router="):
+        HierarchicalMoELayer(**{option: value})
+
+
+def test_one_router_argument_or_another_kind_of_router_raises_a_clear_type_error():
+    with pytest.raises(TypeError, match=r"HierarchicalMoELayer has two routers: pass "
+                                        r"outer_router= and inner_router="):
+        HierarchicalMoELayer(router="switch")
+    # Both levels route top-2: another router, or the inner kind at the outer level, is refused.
+    for router in (tf_moe.SwitchRouter(), tf_moe.TopNRouter(k=2), InnerTop2Router(4)):
+        with pytest.raises(TypeError, match=r"HierarchicalMoELayer\(outer_router=\.\.\.\) "
+                                            rf"takes 'top_2' or a tf_moe.Top2Router .*got "
+                                            rf"{type(router).__name__}\."):
+            HierarchicalMoELayer(outer_router=router)
+    with pytest.raises(TypeError, match=r"HierarchicalMoELayer\(inner_router=\.\.\.\) takes "
+                                        r"'top_2', a tf_moe.InnerTop2Router or a tf_moe.Top2Router"
+                                        r" .*got SwitchRouter\."):
+        HierarchicalMoELayer(inner_router=tf_moe.SwitchRouter())
+    with pytest.raises(ValueError, match=r"Unknown router 'switch' for "
+                                         r"HierarchicalMoELayer\(outer_router=\.\.\.\)"):
+        HierarchicalMoELayer(outer_router="switch")
+    with pytest.raises(ValueError, match=r"Unknown inner_router 'switch'"):
+        HierarchicalMoELayer(inner_router="switch")
 
 
 def test_bad_inputs_raise_naming_the_problem():
@@ -543,5 +779,9 @@ def test_bad_inputs_raise_naming_the_problem():
     with pytest.raises(ValueError, match="mask"):
         layer(x, mask=np.ones((2, 5), bool))
     layer(x)
-    with pytest.raises(ValueError, match="width"):
+    # Since 0.2 the layer has the input spec of its shared base (as MoELayer), so Keras
+    # refuses the width when called; route() gets tf_moe's own message.
+    with pytest.raises(ValueError, match=r"axis -1 of input shape to have value 8"):
         layer(np.zeros((2, 6, 5), "float32"))
+    with pytest.raises(ValueError, match=r"inputs must have width 8"):
+        layer.route(np.zeros((2, 6, 5), "float32"))
