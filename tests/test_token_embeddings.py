@@ -34,8 +34,8 @@ def _functional_model(mode, router="top_2", vocab=50, length=16, width=8):
     ids = keras.Input((length,), dtype="int32")
     embeddings = keras.layers.Embedding(vocab, width)(ids)
     hidden = keras.layers.Dense(width, activation="relu")(embeddings)
-    moe = tf_moe.MoELayer(num_experts=4, expert_hidden_dim=16, router=router, group_size=16,
-                          word_embed_mode=mode, seed=0, name="moe")
+    moe = tf_moe.MoELayer(num_experts=4, expert_hidden_dim=16, group_size=16, seed=0,
+                          router=tf_moe.routers.ROUTERS[router](word_embed_mode=mode), name="moe")
     outputs = keras.layers.Dense(3)(moe(hidden, token_embeddings=embeddings))
     return keras.Model(ids, outputs)
 
@@ -45,8 +45,8 @@ def test_expert_selection_routes_on_the_joined_inputs(mode):
     """15 tokens in groups of 8 (one padding slot): each token is routed with its own
     embedding, against the NumPy reference on logits from the joined inputs."""
     x, embeddings = _data(mode)
-    layer = tf_moe.MoELayer(num_experts=4, router="expert_selection", group_size=8,
-                            switch_policy_eval="argmax", word_embed_mode=mode, seed=0)
+    router = tf_moe.ExpertSelectionRouter(policy_eval="argmax", word_embed_mode=mode)
+    layer = tf_moe.MoELayer(num_experts=4, group_size=8, router=router, seed=0)
     gates = layer.route(x, token_embeddings=embeddings)["gates"].numpy()
 
     kernel = layer.router.kernel.numpy()
@@ -83,8 +83,9 @@ def test_the_exploration_noise_does_not_reach_the_embeddings():
 @pytest.mark.parametrize("mode", MODES)
 def test_embeddings_get_a_gradient_through_the_router_unless_stopped(mode):
     x, embeddings = _data(mode)
-    layer = tf_moe.MoELayer(num_experts=4, expert_hidden_dim=8, group_size=8,
-                            word_embed_mode=mode, second_policy_train="all", seed=0)
+    router = tf_moe.Top2Router(word_embed_mode=mode, second_policy_train="all")
+    layer = tf_moe.MoELayer(num_experts=4, expert_hidden_dim=8, group_size=8, router=router,
+                            seed=0)
     embeddings = tf.constant(embeddings)
     with tf.GradientTape() as tape:
         tape.watch(embeddings)
@@ -101,8 +102,8 @@ def test_embeddings_get_a_gradient_through_the_router_unless_stopped(mode):
 def test_a_token_with_a_non_finite_embedding_is_routed_nowhere():
     x, embeddings = _data("concat")
     embeddings[1, 2, 0] = np.nan
-    layer = tf_moe.MoELayer(num_experts=4, expert_hidden_dim=8, group_size=8,
-                            word_embed_mode="concat", seed=0)
+    layer = tf_moe.MoELayer(num_experts=4, expert_hidden_dim=8, group_size=8, seed=0,
+                            router=tf_moe.Top2Router(word_embed_mode="concat"))
     outputs = layer(x, token_embeddings=embeddings).numpy()
     assert np.all(np.isnan(outputs[1, 2]))
     finite = np.ones((3, 5), bool)
@@ -129,7 +130,8 @@ def test_functional_model_fits_saves_and_reloads(tmp_path, mode):
                                   reloaded.predict(ids, verbose=0))
     layer = model.get_layer("moe")
     config = json.loads(json.dumps(layer.get_config()))
-    assert config["word_embed_mode"] == mode
+    assert config["router"]["config"]["word_embed_mode"] == mode
+    assert "word_embed_mode" not in config  # the router's option, not the layer's
     assert tf_moe.MoELayer.from_config(config).router.word_embed_mode == mode
 
 
@@ -152,7 +154,7 @@ def test_router_tensorboard_probes_with_the_embeddings(tmp_path):
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize("build, call, error, match", [
+@pytest.mark.parametrize("router, call, error, match", [
     (dict(word_embed_mode="concat"), {}, ValueError, "call it with token_embeddings"),
     ({}, dict(token_embeddings=np.ones((3, 5, 3), "float32")), ValueError,
      "word_embed_mode is None"),
@@ -163,15 +165,16 @@ def test_router_tensorboard_probes_with_the_embeddings(tmp_path):
     (dict(word_embed_mode="add"), dict(token_embeddings=np.ones((3, 5, 3), "float32")),
      ValueError, "their width must be the inputs' 4, got 3"),
 ])
-def test_bad_token_embeddings(build, call, error, match):
+def test_bad_token_embeddings(router, call, error, match):
     x = np.ones((3, 5, 4), "float32")
     with pytest.raises(error, match=match):
-        tf_moe.MoELayer(num_experts=4, group_size=8, **build)(x, **call)
+        tf_moe.MoELayer(num_experts=4, group_size=8, router=tf_moe.Top2Router(**router))(x, **call)
 
 
 def test_embeddings_of_another_width_than_built_for():
     x, embeddings = _data("concat")
-    layer = tf_moe.MoELayer(num_experts=4, group_size=8, word_embed_mode="concat")
+    layer = tf_moe.MoELayer(num_experts=4, group_size=8,
+                            router=tf_moe.Top2Router(word_embed_mode="concat"))
     layer(x, token_embeddings=embeddings)
     with pytest.raises(ValueError, match="kernel was built for 7"):
         layer(x, token_embeddings=np.ones((3, 5, 1), "float32"))
@@ -182,7 +185,7 @@ def test_embeddings_of_another_width_than_built_for():
 def test_functional_models_check_the_embeddings_when_built():
     hidden, embeddings = keras.Input((5, 4)), keras.Input((5, 3))
     with pytest.raises(ValueError, match="call it with token_embeddings"):
-        tf_moe.MoELayer(num_experts=4, word_embed_mode="concat")(hidden)
+        tf_moe.MoELayer(num_experts=4, router=tf_moe.Top2Router(word_embed_mode="concat"))(hidden)
     with pytest.raises(ValueError, match="word_embed_mode is None"):
         tf_moe.MoELayer(num_experts=4)(hidden, token_embeddings=embeddings)
 
@@ -204,7 +207,7 @@ def test_a_layer_routed_first_saves_and_reloads_its_router(tmp_path):
     is saved and comes back."""
     x, embeddings = _data("concat")
     layer = tf_moe.MoELayer(num_experts=4, expert_hidden_dim=8, group_size=8,
-                            word_embed_mode="concat")
+                            router=tf_moe.Top2Router(word_embed_mode="concat"))
     before = layer.route(x, token_embeddings=embeddings)["gates"].numpy()
     assert layer.router.kernel.shape == (7, 4)
     inputs = keras.Input((5, 4))
@@ -244,9 +247,14 @@ def test_custom_router_with_a_one_shape_build_still_works():
 
 
 def test_bad_word_embed_mode():
-    with pytest.raises(ValueError, match="Unknown word_embed_mode 'sum'; accepted: None, "):
+    for router in (tf_moe.Top2Router, tf_moe.SwitchRouter, tf_moe.NoisyTopKRouter):
+        with pytest.raises(ValueError, match="Unknown word_embed_mode 'sum'; accepted: None, "):
+            router(word_embed_mode="sum")
+    # 0.1's flat layer argument: refused, with where it went.
+    with pytest.raises(TypeError, match=r"MoELayer\(word_embed_mode=\.\.\.\) is a router option "
+                                        r"since 0\.2.*tf_moe\.Top2Router\(word_embed_mode='sum'\)"):
         tf_moe.MoELayer(num_experts=4, word_embed_mode="sum")
-    with pytest.raises(ValueError, match="word_embed_mode='concat' would be ignored"):
+    with pytest.raises(TypeError, match=r"tf_moe\.Top2Router\(word_embed_mode='concat'\)"):
         tf_moe.MoELayer(num_experts=4, router=tf_moe.SwitchRouter(), word_embed_mode="concat")
     with pytest.raises(ValueError, match="InnerTop2Router .* word_embed_mode must be None"):
         tf_moe.hierarchical.InnerTop2Router(2, 2, word_embed_mode="concat")
