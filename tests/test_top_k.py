@@ -360,3 +360,21 @@ def test_expert_bias_is_identical_on_every_replica_and_equals_one_device():
     np.testing.assert_array_equal(mirrored[0], mirrored[1])  # every replica's copy
     np.testing.assert_allclose(mirrored[0], single, atol=1e-6)  # as on one device
     assert np.abs(single).sum() > 0
+
+
+def test_router_tensorboard_writes_the_bias_and_dropped_choices(tmp_path):
+    from test_callbacks import read_events  # noqa: PLC0415
+
+    router = tf_moe.TopKRouter(k=2, use_expert_bias=True, capacity_factor=0.5)
+    model = keras.Sequential([keras.Input((8, 6)), tf_moe.MoELayer(
+        num_experts=4, expert_hidden_dim=8, router=router, name="moe"), keras.layers.Dense(1)])
+    model.compile("adam", "mse")
+    x = np.random.default_rng(0).normal(size=(32, 8, 6)).astype("float32")
+    model.fit(x, x[..., :1], epochs=2, verbose=0,
+              callbacks=[tf_moe.RouterTensorBoard(tmp_path, probe=x[:8])])
+    events = read_events(tmp_path / "train")
+    (_, plugin, buckets) = events["moe/expert_bias"][-1]
+    assert plugin == "histograms" and buckets.shape == (4, 3)
+    np.testing.assert_allclose(buckets[:, 2], router.expert_bias.numpy(), rtol=1e-6)
+    for key in ("moe/dropped_choices", "moe/probe_dropped_choices", "moe/expert_bias_spread"):
+        assert [step for step, _, _ in events[key]] == [0, 1], key

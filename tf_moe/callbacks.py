@@ -5,14 +5,17 @@
 layer gets its own section in TensorBoard):
 
 * the layer's training metrics (`balance_loss`, `z_loss`, `dropped`,
-  `max_load`; the hierarchical layer's `outer_`/`inner_` ones) as scalars,
-  averaged over the batches since the previous write;
+  `dropped_choices`, `max_load`, a `TopKRouter`'s `expert_bias_spread`; the
+  hierarchical layer's `outer_`/`inner_` ones) as scalars, averaged over the
+  batches since the previous write, and a `TopKRouter`'s `expert_bias` as a
+  histogram of one bucket per expert;
 * with a `probe` batch, how the layer routes that fixed batch at each write:
   a histogram of the expert load (one bucket per expert: bucket `i` spans
   `[i, i + 1)` and holds expert `i`'s share of the token choices; the
   hierarchical layer writes `outer_expert_load` over `x` groups and
   `inner_expert_load` over `y` experts), and the probe's dropped fraction,
-  balance loss, z-loss, max load and router entropy as `probe_*` scalars
+  dropped choices, balance loss, z-loss, max load and router entropy as
+  `probe_*` scalars
   (a layer called more than once in the model, weights shared, writes these
   per call: `layer/call_0/...`, `layer/call_1/...`).
 
@@ -375,6 +378,14 @@ class RouterTensorBoard(keras.callbacks.Callback):
                         value = (total - previous_total) / (count - previous_count)
                         write_scalar(f"{layer.name}/{key}", value, step)
 
+    def _write_router_state(self, step):
+        """The routers' own state: a `TopKRouter`'s expert bias, one bucket per expert."""
+        with self._writer("train").as_default():
+            for layer in self._moe_layers():
+                bias = getattr(getattr(layer, "router", None), "expert_bias", None)
+                if bias is not None:
+                    write_load_histogram(f"{layer.name}/expert_bias", np.asarray(bias), step)
+
     def _write_epoch_logs(self, logs, step, runs=(("train", ""), ("validation", "val_"))):
         """The `fit` logs of the layers' metrics: training and `val_` means of the epoch."""
         for layer in self._moe_layers():
@@ -410,11 +421,13 @@ class RouterTensorBoard(keras.callbacks.Callback):
         if self.update_freq != "epoch" and self._batches % self.update_freq == 0:
             step = self._step()
             self._write_training_metrics(step)
+            self._write_router_state(step)
             self._write_probe(step)
 
     def on_epoch_end(self, epoch, logs=None):
         if self.update_freq == "epoch":
             self._write_epoch_logs(logs or {}, epoch)
+            self._write_router_state(epoch)
             self._write_probe(epoch)
         else:  # training metrics went out every N batches; validation runs once an epoch
             self._write_epoch_logs(logs or {}, self._step(), runs=(("validation", "val_"),))
