@@ -1,5 +1,7 @@
 """Index dispatch (gather/scatter) against Mesh-TF's einsum dispatch, and dropless mode."""
 
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -14,22 +16,39 @@ TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 # factor that overflows the buffers.
 INPUTS = tf.random.stateless_normal([2, 25, 12], seed=[1, 2])
 MASK = tf.sequence_mask([25, 17], 25)
-OVERFLOW = dict(group_size=20, capacity_factor_train=0.6, capacity_factor_eval=0.8,
-                min_expert_capacity=1)
+OVERFLOW = dict(capacity_factor_train=0.6, capacity_factor_eval=0.8, min_expert_capacity=1)
+# No capacity in either mode: the router drops nothing (0.1's `dropless=True`).
+DROPLESS = dict(capacity_factor_train=None, capacity_factor_eval=None)
+# The routers with Mesh-TF's capacity options, by name (those of tf_moe 0.1).
+MESH_TF_ROUTERS = ("expert_selection", "noisy_top_k", "ntlb", "switch", "switch_max", "top_2",
+                   "top_n", "truncated_top_2")
+# The second policies of the routers that read them.
+SECOND_POLICIES = dict(second_policy_train="all", second_policy_eval="threshold")
 
 
-def _moe(router, dispatch_name, **kwargs):
-    options = dict(OVERFLOW, num_experts=4, router=router, expert_hidden_dim=8, seed=5,
-                   second_policy_train="all", second_policy_eval="threshold",
-                   dispatch=dispatch_name)
+def _moe(router, dispatch_name, router_options=None, **kwargs):
+    """A MoELayer whose router (by name) has the overflowing capacity, or `router_options`."""
+    arguments = dict(OVERFLOW, **(SECOND_POLICIES if router in ("top_2", "top_n") else {}))
+    arguments.update(router_options or {})
+    options = dict(num_experts=4, router=ROUTERS[router](**arguments), expert_hidden_dim=8,
+                   group_size=20, seed=5, dispatch=dispatch_name)
     options.update(kwargs)
     return tf_moe.MoELayer(**options)
 
 
-def _hierarchical(dispatch_name, **kwargs):
-    options = dict(OVERFLOW, num_experts=(2, 3), expert_hidden_dim=8, seed=5,
-                   capacity_factor_second_level=0.7, activation=["gelu", "linear"],
-                   dispatch=dispatch_name)
+def _hierarchical(dispatch_name, both=None, outer=None, inner=None, **kwargs):
+    """A HierarchicalMoELayer whose routers overflow: outer factors 0.6 / 0.8, inner 0.7.
+
+    `both`: options of both routers; `outer`, `inner`: of one (they win).
+    """
+    outer_router = tf_moe.Top2Router(**{**OVERFLOW, **(both or {}), **(outer or {})})
+    inner_router = tf_moe.InnerTop2Router(
+        kwargs.get("num_experts", (2, 3))[0], **{
+            **dict(capacity_factor_train=0.7, capacity_factor_eval=0.7, min_expert_capacity=1),
+            **(both or {}), **(inner or {})})
+    options = dict(num_experts=(2, 3), expert_hidden_dim=8, group_size=20, seed=5,
+                   outer_router=outer_router, inner_router=inner_router,
+                   activation=["gelu", "linear"], dispatch=dispatch_name)
     options.update(kwargs)
     return tf_moe.HierarchicalMoELayer(**options)
 
@@ -64,7 +83,7 @@ def _compare(make, training, jit_compile=False, mask=MASK):
 
 
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("router", sorted(ROUTERS))
+@pytest.mark.parametrize("router", MESH_TF_ROUTERS)
 def test_gather_equals_einsum_for_every_router(router, training):
     einsum, gather, _ = _compare(lambda d: _moe(router, d), training)
     for key in ("balance_loss", "dropped", "max_load", "z_loss"):
@@ -85,7 +104,7 @@ def test_gather_equals_einsum_without_mask_and_glu_experts():
 @pytest.mark.parametrize("training", [True, False])
 def test_hierarchical_gather_equals_einsum(training, jit_compile):
     einsum, gather, _ = _compare(
-        lambda d: _hierarchical(d, second_policy_train="all"), training, jit_compile)
+        lambda d: _hierarchical(d, both=dict(second_policy_train="all")), training, jit_compile)
     np.testing.assert_allclose(gather._metric_trackers["dropped"].result(),
                                einsum._metric_trackers["dropped"].result(), rtol=1e-6)
     assert float(einsum._metric_trackers["dropped"].result()) > 0  # capacity overflowed
@@ -131,8 +150,9 @@ def test_layers_under_xla_equal_eager(make):
 def test_dropless_drops_nothing_and_equals_einsum_with_capacity_s(router):
     def make(name):
         if name == "einsum":  # capacity factor e gives c = s
-            return _moe(router, "einsum", capacity_factor_train=4.0, capacity_factor_eval=4.0)
-        return _moe(router, "gather", dropless=True)
+            return _moe(router, "einsum",
+                        router_options=dict(capacity_factor_train=4.0, capacity_factor_eval=4.0))
+        return _moe(router, "gather", router_options=DROPLESS)
 
     _, gather, _ = _compare(make, training=True)
     assert float(gather._metric_trackers["dropped"].result()) == 0.0
@@ -141,10 +161,10 @@ def test_dropless_drops_nothing_and_equals_einsum_with_capacity_s(router):
 
 def test_hierarchical_dropless_drops_nothing():
     def make(name):
-        if name == "einsum":
-            return _hierarchical("einsum", capacity_factor_train=2.0,
-                                 capacity_factor_second_level=3.0)
-        return _hierarchical("gather", dropless=True)
+        if name == "einsum":  # factors x = 2 and y = 3 give c = s and d = t in training
+            return _hierarchical("einsum", outer=dict(capacity_factor_train=2.0),
+                                 inner=dict(capacity_factor_train=3.0, capacity_factor_eval=3.0))
+        return _hierarchical("gather", both=DROPLESS)
 
     _, gather, _ = _compare(make, training=True)
     assert float(gather._metric_trackers["dropped"].result()) == 0.0
@@ -158,8 +178,8 @@ def test_hierarchical_dropless_gather_equals_einsum(training):
     policies draw per slot, so another slot layout would route otherwise.
     """
     def make(name):
-        return _hierarchical(name, num_experts=(4, 2), dropless=True,
-                             second_policy_train="random", second_policy_eval="random")
+        return _hierarchical(name, num_experts=(4, 2), both=dict(
+            DROPLESS, second_policy_train="random", second_policy_eval="random"))
 
     einsum, gather, _ = _compare(make, training)
     for key in einsum._metric_trackers:
@@ -169,7 +189,7 @@ def test_hierarchical_dropless_gather_equals_einsum(training):
 
 
 def test_dropless_buffers_are_sized_by_the_fullest_expert():
-    layer = _moe("switch", "gather", dropless=True, group_size=64)
+    layer = _moe("switch", "gather", router_options=DROPLESS, group_size=64)
     x = tf.random.stateless_normal([64, 12], seed=[3, 4])
     result = layer._route(x, None, True)[1]
     fullest = int(tf.reduce_max(result.expert_slots)) + 1
@@ -217,16 +237,36 @@ def test_index_path_builds_no_dense_routing_tensor():
 
 
 def test_config_round_trip_and_validation():
-    layer = _moe("top_2", "gather", dropless=True)
+    layer = _moe("top_2", "gather", router_options=DROPLESS)
     config = layer.get_config()
-    assert config["dispatch"] == "gather" and config["dropless"] is True
-    assert tf_moe.MoELayer.from_config(config).dispatch == "gather"
-    h = _hierarchical("einsum", dropless=True).get_config()
-    assert h["dispatch"] == "einsum" and h["dropless"] is True
+    assert config["dispatch"] == "gather"
+    assert config["router"]["config"]["capacity_factor_train"] is None
+    assert config["router"]["config"]["capacity_factor_eval"] is None
+    clone = tf_moe.MoELayer.from_config(config)
+    assert clone.dispatch == "gather"
+    assert clone.router.expert_capacity(20, True) is clone.router.expert_capacity(20, False) is None
+    h = _hierarchical("einsum", both=DROPLESS).get_config()
+    assert h["dispatch"] == "einsum"
+    for level in ("outer_router", "inner_router"):
+        assert h[level]["config"]["capacity_factor_train"] is None, level
+        assert h[level]["config"]["capacity_factor_eval"] is None, level
     with pytest.raises(ValueError, match="dispatch"):
         _moe("top_2", "scatter")
-    with pytest.raises(ValueError, match="dropless"):
-        _moe("expert_selection", "gather", dropless=True)
-    with pytest.raises(TypeError, match="dropless"):
-        _moe("top_2", "gather", dropless=1)
+    # Expert selection's experts pick their top-c tokens: it needs a capacity in both modes.
+    for mode in ("train", "eval"):
+        with pytest.raises(ValueError, match=rf"capacity_factor_{mode}=None \(no capacity\) "
+                                             r"does not apply to ExpertSelectionRouter"):
+            tf_moe.ExpertSelectionRouter(**{f"capacity_factor_{mode}": None})
+    for value in (True, 0, "1.25"):  # the factor is a number > 0 or None, never a flag
+        with pytest.raises(ValueError, match=r"capacity_factor_train must be None or a finite "
+                                             r"number > 0"):
+            tf_moe.Top2Router(capacity_factor_train=value)
+    # 0.1's flat dropless flag is refused with its new spelling, whatever its value.
+    for value in (True, 1):
+        with pytest.raises(TypeError, match=re.escape(
+                "MoELayer(dropless=...) is a router option since 0.2: a router with no capacity "
+                "drops nothing, e.g. MoELayer(router=tf_moe.Top2Router(capacity_factor_train="
+                "None, capacity_factor_eval=None))")):
+            tf_moe.MoELayer(num_experts=4, dispatch="gather", dropless=value)
     assert dispatch.resolve("auto") == "gather"  # no TPU on the test machine
+
