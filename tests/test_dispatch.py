@@ -270,3 +270,179 @@ def test_config_round_trip_and_validation():
             tf_moe.MoELayer(num_experts=4, dispatch="gather", dropless=value)
     assert dispatch.resolve("auto") == "gather"  # no TPU on the test machine
 
+
+# ----------------------------------------------------------------------------
+# DispatchPlan against an independent NumPy loop reference.
+
+
+def _random_routing(rng, lead, group_size, num_experts, capacity):
+    """Slots and gates `[*lead, s, e]` as a router makes them, with overflow and padding.
+
+    In each group, the tokens after a random cut are padding and choose nothing; the
+    others each choose one to three distinct experts in turn, and a choice whose
+    buffer already holds `capacity` tokens is dropped. Returns `(slots, gates,
+    dropped choices, padding tokens)`.
+    """
+    slots = np.full(lead + (group_size, num_experts), -1, np.int32)
+    gates = np.zeros(lead + (group_size, num_experts), np.float32)
+    dropped = padding = 0
+    for index in np.ndindex(*lead):
+        count = [0] * num_experts
+        real = group_size - int(rng.integers(0, group_size // 3 + 1))
+        padding += group_size - real
+        for t in range(real):
+            choices = int(rng.integers(1, min(3, num_experts) + 1))
+            for expert in rng.choice(num_experts, size=choices, replace=False):
+                if count[expert] < capacity:
+                    slots[index + (t, expert)] = count[expert]
+                    gates[index + (t, expert)] = rng.uniform(0.05, 1.0)
+                    count[expert] += 1
+                else:
+                    dropped += 1
+    return slots, gates, dropped, padding
+
+
+def _buffer_index(index, expert, slot, batch_dims):
+    """Where token `index + (t,)`'s slot of `expert` is in the buffers: `[*batch, e, g, c]`."""
+    return index[:batch_dims] + (expert,) + index[batch_dims:] + (slot,)
+
+
+def _reference_plan(tokens, slots, gates, capacity, expert_outputs, d_buffers, d_combined,
+                    d_slot_gates, batch_dims):
+    """Dispatch, combine, slot gates and their gradients, by loops over tokens and experts.
+
+    The gradients are those of `sum(buffers * d_buffers) + sum(combined * d_combined) +
+    sum(slot_gates * d_slot_gates)` with respect to the tokens, the experts' outputs
+    and the gates.
+    """
+    *lead, s, e = slots.shape
+    lead = tuple(lead)
+    buffer_shape = lead[:batch_dims] + (e,) + lead[batch_dims:] + (capacity,)
+    buffers = np.zeros(buffer_shape + tokens.shape[-1:])
+    slot_gates = np.zeros(buffer_shape)
+    combined = np.zeros(lead + (s, expert_outputs.shape[-1]))
+    d_tokens, d_outputs, d_gates = (np.zeros(a.shape) for a in (tokens, expert_outputs, gates))
+    for index in np.ndindex(*lead):
+        for t in range(s):
+            token = index + (t,)
+            for expert in range(e):
+                slot = int(slots[token + (expert,)])
+                if slot < 0:
+                    continue
+                where = _buffer_index(index, expert, slot, batch_dims)
+                gate = float(gates[token + (expert,)])
+                buffers[where] = tokens[token]
+                slot_gates[where] = gate
+                combined[token] += gate * expert_outputs[where]
+                d_tokens[token] += d_buffers[where]
+                d_outputs[where] += gate * d_combined[token]
+                d_gates[token + (expert,)] = (np.dot(d_combined[token], expert_outputs[where])
+                                              + d_slot_gates[where])
+    return buffers, combined, slot_gates, d_tokens, d_outputs, d_gates
+
+
+def _plan_case(seed, batch_dims, dropless=False):
+    """A random case: shapes, routing with overflow and padding, inputs and upstream grads.
+
+    `dropless`: routed with capacity `s` instead, so that nothing overflows.
+    """
+    rng = np.random.default_rng([seed, batch_dims, dropless])
+    lead = tuple(int(v) for v in rng.integers(1, 4, size=batch_dims + 1))  # [g] or [x, h]
+    group_size, num_experts = int(rng.integers(4, 10)), int(rng.integers(2, 5))
+    capacity = int(rng.integers(1, max(2, group_size // num_experts) + 1))
+    if dropless:
+        capacity = group_size
+    while True:  # every case overflows (or, dropless, fills no buffer) and has padding
+        slots, gates, dropped, padding = _random_routing(rng, lead, group_size, num_experts,
+                                                         capacity)
+        empty = (slots >= 0).sum() < np.prod(lead) * num_experts * capacity
+        full = slots.max() + 1 == capacity
+        if (not full if dropless else dropped) and padding and empty:
+            break
+    m, n = (int(v) for v in rng.integers(1, 5, size=2))
+    buffer_shape = lead[:batch_dims] + (num_experts,) + lead[batch_dims:] + (capacity,)
+    arrays = dict(
+        tokens=rng.standard_normal(lead + (group_size, m)),
+        expert_outputs=rng.standard_normal(buffer_shape + (n,)),
+        d_buffers=rng.standard_normal(buffer_shape + (m,)),
+        d_combined=rng.standard_normal(lead + (group_size, n)),
+        d_slot_gates=rng.standard_normal(buffer_shape))
+    arrays = {key: value.astype("float32") for key, value in arrays.items()}
+    return dict(arrays, slots=slots, gates=gates, capacity=capacity)
+
+
+def _run_plan(case, dispatch_name, batch_dims, dropless=False, capacity_tensor=False):
+    """The plan's dispatch, combine and slot gates, and the gradients `_reference_plan` has."""
+    tokens, outputs, gates = (tf.constant(case[key])
+                              for key in ("tokens", "expert_outputs", "gates"))
+    capacity = tf.constant(case["capacity"]) if capacity_tensor else case["capacity"]
+    with tf.GradientTape() as tape:
+        tape.watch([tokens, outputs, gates])
+        result = routing.RoutingResult.from_sparse(tf.constant(case["slots"]), gates, capacity,
+                                                   0.0, 0.0, {})
+        plan = dispatch.DispatchPlan(result, dispatch_name, batch_dims=batch_dims,
+                                     dropless=dropless)
+        buffers = plan.dispatch(tokens)
+        used = buffers.shape[batch_dims + 2]  # the slots per buffer: c, or fewer if dropless
+        expert_outputs = outputs[(slice(None),) * (batch_dims + 2) + (slice(0, used),)]
+        combined = plan.combine(expert_outputs)
+        slot_gates = plan.slot_gates()
+        cut = (slice(None),) * (batch_dims + 2) + (slice(0, used),)
+        loss = (tf.reduce_sum(buffers * case["d_buffers"][cut])
+                + tf.reduce_sum(combined * case["d_combined"])
+                + tf.reduce_sum(slot_gates * case["d_slot_gates"][cut]))
+    grads = tape.gradient(loss, [tokens, outputs, gates])
+    return [t.numpy() for t in [buffers, combined, slot_gates] + grads]
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("batch_dims", [0, 1])
+def test_dispatch_plan_paths_equal_a_numpy_loop_reference(batch_dims, seed):
+    case = _plan_case(seed, batch_dims)
+    expected = _reference_plan(case["tokens"], case["slots"], case["gates"], case["capacity"],
+                               case["expert_outputs"], case["d_buffers"], case["d_combined"],
+                               case["d_slot_gates"], batch_dims)
+    names = ("dispatch", "combine", "slot_gates", "d_tokens", "d_expert_outputs", "d_gates")
+    got = {}
+    for path in ("einsum", "gather"):
+        got[path] = _run_plan(case, path, batch_dims, capacity_tensor=seed % 2 == 1)
+        assert got[path][0].shape == expected[0].shape  # [e, g, c, m] or [x, y, h, d, m]
+        assert got[path][1].shape == expected[1].shape  # [g, s, n] or [x, h, t, n]
+        for name, a, b in zip(names, got[path], expected):
+            np.testing.assert_allclose(a, b, **TOLERANCE, err_msg=f"{path} {name}")
+        # A copy of the tokens and of the gates: exact on both paths.
+        np.testing.assert_array_equal(got[path][0], expected[0].astype("float32"))
+        np.testing.assert_array_equal(got[path][2], expected[2].astype("float32"))
+    for name, a, b in zip(names, got["einsum"], got["gather"]):
+        np.testing.assert_allclose(b, a, **TOLERANCE, err_msg=name)
+    # Dropped choices and padding give zero rows: padding tokens get no output or gradient.
+    padding = ~(case["slots"] >= 0).any(axis=-1)
+    assert padding.any()
+    assert not got["gather"][1][padding].any() and not got["gather"][3][padding].any()
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("batch_dims", [0, 1])
+def test_dropless_dispatch_plan_sizes_the_gather_buffers_by_the_fullest_expert(batch_dims, seed):
+    case = _plan_case(seed, batch_dims, dropless=True)
+    fullest = int(case["slots"].max()) + 1
+    assert fullest < case["capacity"]  # c = s: a padded group fills no buffer
+    expected = list(_reference_plan(
+        case["tokens"], case["slots"], case["gates"], case["capacity"], case["expert_outputs"],
+        case["d_buffers"], case["d_combined"], case["d_slot_gates"], batch_dims))
+    got = _run_plan(case, "gather", batch_dims, dropless=True)
+    cut = (slice(None),) * (batch_dims + 2) + (slice(0, fullest),)
+    assert got[0].shape[batch_dims + 2] == fullest
+    # The buffers and their gates are the reference's first slots (the others are empty);
+    # the outputs and every gradient are the reference's.
+    expected[0], expected[2] = expected[0][cut], expected[2][cut]
+    names = ("dispatch", "combine", "slot_gates", "d_tokens", "d_expert_outputs", "d_gates")
+    for name, a, b in zip(names, got, expected):
+        assert a.shape == b.shape, name
+        np.testing.assert_allclose(a, b, **TOLERANCE, err_msg=name)
+    # The einsum path keeps all c slots, the same outputs.
+    einsum = _run_plan(case, "einsum", batch_dims, dropless=True)
+    assert einsum[0].shape[batch_dims + 2] == case["capacity"]
+    for name, a, b in zip(names[1:], einsum[1:], got[1:]):
+        if name != "slot_gates":
+            np.testing.assert_allclose(a, b, **TOLERANCE, err_msg=name)
