@@ -836,6 +836,10 @@ class TopKRouter(Router):
             the earliest positions (`"position"`).
         **kwargs: `Router` arguments (`kernel_initializer`, `seed`, ...).
 
+    Returns:
+        A `tf_moe.routing.RoutingResult` (slots and gates `[g, s, e]`; see
+        `Router`).
+
     Example:
     >>> layer = MoELayer(num_experts=8, router=TopKRouter(k=2))  # Mixtral's routing
     >>> layer(tf.zeros([2, 16, 8])).shape
