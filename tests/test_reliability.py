@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import keras
 import numpy as np
@@ -43,13 +44,23 @@ def test_empty_and_tiny_batches(router, shape):
         assert all(np.isfinite(float(loss)) for loss in layer.losses)
 
 
+def _router(name, **options):
+    """Router `name` with `options`; the second-choice options go to the top-n routers only."""
+    if name not in ("top_2", "top_n"):
+        options = {key: value for key, value in options.items()
+                   if not key.startswith("second_")}
+    return tf_moe.routers.ROUTERS[name](**options)
+
+
 @pytest.mark.parametrize("router", ALL_ROUTERS + ["hierarchical"])
 def test_nan_and_inf_tokens_give_nan_outputs_and_leave_others_alone(router):
     make = (lambda: tf_moe.HierarchicalMoELayer(
-        num_experts=(2, 2), expert_hidden_dim=8, group_size=16, second_policy_eval="all",
+        num_experts=(2, 2), expert_hidden_dim=8, group_size=16,
+        outer_router=tf_moe.Top2Router(second_policy_eval="all"),
+        inner_router=tf_moe.InnerTop2Router(2, second_policy_eval="all"),
         seed=1)) if router == "hierarchical" else (lambda: tf_moe.MoELayer(
-            num_experts=4, expert_hidden_dim=8, router=router, group_size=16,
-            second_policy_eval="all", seed=1))
+            num_experts=4, expert_hidden_dim=8, router=_router(router, second_policy_eval="all"),
+            group_size=16, seed=1))
     layer = make()
     x = np.random.default_rng(0).normal(size=(3, 7, 6)).astype("float32")
     bad = np.zeros((3, 7), bool)
@@ -66,7 +77,8 @@ def test_nan_and_inf_tokens_give_nan_outputs_and_leave_others_alone(router):
 
 
 def test_float64_inputs_are_cast_and_integer_inputs_refused():
-    layer = tf_moe.MoELayer(num_experts=4, expert_hidden_dim=8, second_policy_eval="all")
+    layer = tf_moe.MoELayer(num_experts=4, expert_hidden_dim=8,
+                            router=tf_moe.Top2Router(second_policy_eval="all"))
     x = np.random.default_rng(0).normal(size=(2, 5, 6))
     np.testing.assert_allclose(layer(x).numpy(), layer(x.astype("float32")).numpy(), atol=1e-6)
     for dtype in ("int32", "int64", "bool"):
@@ -76,11 +88,13 @@ def test_float64_inputs_are_cast_and_integer_inputs_refused():
 
 def test_absurd_capacities_still_route_every_token():
     x = np.random.default_rng(0).normal(size=(2, 9, 6)).astype("float32")
-    for kwargs in (dict(capacity_factor_eval=1e6), dict(min_expert_capacity=10**9),
+    for kwargs in (dict(router=tf_moe.Top2Router(capacity_factor_eval=1e6)),
+                   dict(router=tf_moe.Top2Router(min_expert_capacity=10**9)),
                    dict(group_size=10**12)):
         routed = tf_moe.MoELayer(num_experts=4, **kwargs).route(x)
         assert float(routed["dropped_fraction"]) == 0.0
-    tiny = tf_moe.MoELayer(num_experts=4, capacity_factor_eval=1e-9, min_expert_capacity=1)
+    tiny = tf_moe.MoELayer(num_experts=4, router=tf_moe.Top2Router(capacity_factor_eval=1e-9,
+                                                                   min_expert_capacity=1))
     routed = tiny.route(x)  # one slot per expert and group: most tokens dropped, reported
     assert float(routed["dropped_fraction"]) > 0.5
 
@@ -90,19 +104,10 @@ BAD_ARGUMENTS = {
     "num_experts": [0, -3, 2.5, "8", None, True],
     "expert_hidden_dim": [0, -1, 1.5, "big"],
     "group_size": [0, -1, 3.0, None],
-    "capacity_factor_train": [0, -1.0, float("nan"), float("inf"), "1.25", None],
-    "capacity_factor_eval": [0, -2.0, float("inf")],
-    "min_expert_capacity": [0, -4, 4.5],
     "loss_coef": [-1e-2, float("nan"), "0.01"],
     "z_loss_coef": [-1.0, float("inf")],
     "output_dim": [0, -5, 2.0],
     "router": ["top3", "", 7, None],
-    "second_policy_train": ["sometimes", None],
-    "second_policy_eval": ["ALL"],
-    "second_threshold_train": [-0.1, "0.2"],
-    "switch_policy_train": ["noise"],
-    "switch_jitter": [-1.0],
-    "switch_dropout": [1.0, -0.5],
     "expert_dropout_rate": [1.0, -0.1, "0"],
     "seed": ["zero", 1.5],
     "activation": ["no_such_activation", []],
@@ -114,13 +119,104 @@ BAD_ARGUMENTS = {
     lambda name: st.tuples(st.just(name), st.sampled_from(BAD_ARGUMENTS[name]))))
 def test_bad_arguments_are_refused_by_name(argument):
     name, value = argument
-    kwargs = {name: value}
-    if name.startswith("switch_"):
-        kwargs["router"] = "switch"
     with pytest.raises((ValueError, TypeError)) as error:
-        tf_moe.MoELayer(**kwargs)
-    wanted = name.replace("switch_", "") if name.startswith("switch_") else name
-    assert wanted in str(error.value)
+        tf_moe.MoELayer(**{name: value})
+    assert name in str(error.value)
+
+
+# The routers with Mesh-TF's capacity options (0.1's; a router with another capacity
+# formula has its own options).
+_EVERY_ROUTER = (tf_moe.Top2Router, tf_moe.TopNRouter, tf_moe.TruncatedTop2Router,
+                 tf_moe.SwitchRouter, tf_moe.SwitchMaxRouter, tf_moe.NTLBRouter,
+                 tf_moe.ExpertSelectionRouter, tf_moe.NoisyTopKRouter)
+_INPUT_POLICY = (tf_moe.SwitchRouter, tf_moe.SwitchMaxRouter, tf_moe.NTLBRouter,
+                 tf_moe.ExpertSelectionRouter)
+# The routers' options, on the router objects: argument -> (the routers that take it, bad
+# values). A capacity factor of None is no capacity, refused only by expert selection.
+BAD_ROUTER_OPTIONS = {
+    "capacity_factor_train": (_EVERY_ROUTER, [0, -1.0, float("nan"), float("inf"), "1.25"]),
+    "capacity_factor_eval": (_EVERY_ROUTER, [0, -2.0, float("inf")]),
+    "min_expert_capacity": (_EVERY_ROUTER, [0, -4, 4.5]),
+    "second_policy_train": ((tf_moe.Top2Router, tf_moe.TopNRouter), ["sometimes", None]),
+    "second_policy_eval": ((tf_moe.Top2Router, tf_moe.TopNRouter), ["ALL"]),
+    "second_threshold_train": ((tf_moe.Top2Router, tf_moe.TopNRouter), [-0.1, "0.2"]),
+    "policy_train": (_INPUT_POLICY, ["noise"]),
+    "jitter": (_INPUT_POLICY, [-1.0]),
+    "dropout": (_INPUT_POLICY, [1.0, -0.5]),
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(sorted(BAD_ROUTER_OPTIONS)).flatmap(
+    lambda name: st.tuples(st.just(name), st.sampled_from(BAD_ROUTER_OPTIONS[name][0]),
+                           st.sampled_from(BAD_ROUTER_OPTIONS[name][1]))))
+def test_bad_router_options_are_refused_by_name(argument):
+    name, router, value = argument
+    with pytest.raises((ValueError, TypeError)) as error:
+        router(**{name: value})
+    assert name in str(error.value)
+
+
+@pytest.mark.parametrize("argument", ["capacity_factor_train", "capacity_factor_eval"])
+def test_no_capacity_is_refused_by_expert_selection_only(argument):
+    for router in _EVERY_ROUTER:
+        if router is tf_moe.ExpertSelectionRouter:
+            with pytest.raises(ValueError, match=rf"{argument}=None \(no capacity\) does not "
+                                                 r"apply to ExpertSelectionRouter"):
+                router(**{argument: None})
+        else:
+            assert router(num_experts=4, **{argument: None}).expert_capacity(
+                64, training=argument.endswith("train")) is None
+
+
+# 0.1's flat router arguments of MoELayer, each with a value and its 0.2 spelling.
+OLD_FLAT_ARGUMENTS = {
+    "capacity_factor_train": (1.5, "Top2Router(capacity_factor_train=1.5)"),
+    "capacity_factor_eval": (3.0, "Top2Router(capacity_factor_eval=3.0)"),
+    "min_expert_capacity": (2, "Top2Router(min_expert_capacity=2)"),
+    "word_embed_mode": ("concat", "Top2Router(word_embed_mode='concat')"),
+    "second_policy_train": ("all", "Top2Router(second_policy_train='all')"),
+    "second_policy_eval": ("none", "Top2Router(second_policy_eval='none')"),
+    "second_threshold_train": (0.3, "Top2Router(second_threshold_train=0.3)"),
+    "second_threshold_eval": (0.1, "Top2Router(second_threshold_eval=0.1)"),
+    "use_second_place_loss": (True, "Top2Router(use_second_place_loss=True)"),
+    "switch_policy_train": ("argmax", "SwitchRouter(policy_train='argmax')"),
+    "switch_policy_eval": ("argmax", "SwitchRouter(policy_eval='argmax')"),
+    "switch_jitter": (0.0, "SwitchRouter(jitter=0.0)"),
+    "switch_dropout": (0.2, "SwitchRouter(dropout=0.2)"),
+    "switch_temperature": (0.5, "SwitchRouter(temperature=0.5)"),
+    "use_second_place_expert_prob": (0.1, "SwitchRouter(use_second_place_expert_prob=0.1)"),
+    "use_second_place_expert_prob_temp": (
+        1.0, "SwitchRouter(use_second_place_expert_prob_temp=1.0)"),
+    "top_n_num_experts_per_token": (3, "TopNRouter(k=3)"),
+    "ntlb_top_k": (2, "NTLBRouter(k=2)"),
+    "noisy_gating_k": (1, "NoisyTopKRouter(k=1)"),
+    "noise_epsilon": (0.05, "NoisyTopKRouter(noise_epsilon=0.05)"),
+    "dropless": (True, "Top2Router(capacity_factor_train=None, capacity_factor_eval=None)"),
+}
+
+
+def test_old_flat_arguments_cover_every_option_of_0_1():
+    assert set(OLD_FLAT_ARGUMENTS) == set(tf_moe.options.legacy_keys(
+        dict.fromkeys(list(tf_moe.options.LEGACY_ROUTER_OPTIONS) + ["dropless"])))
+
+
+@pytest.mark.parametrize("option", sorted(OLD_FLAT_ARGUMENTS))
+def test_old_flat_arguments_raise_a_type_error_with_the_new_spelling(option):
+    value, spelling = OLD_FLAT_ARGUMENTS[option]
+    with pytest.raises(TypeError, match=re.escape(
+            f"MoELayer({option}=...) is a router option since 0.2") + ".*" + re.escape(
+            f"MoELayer(router=tf_moe.{spelling})")):
+        tf_moe.MoELayer(num_experts=4, **{option: value})
+    # The spelling given is code that runs, and sets what the flat argument set.
+    layer = eval(f"tf_moe.MoELayer(num_experts=4, router=tf_moe.{spelling})",  # noqa: S307
+                 {"tf_moe": tf_moe})
+    if option == "dropless":
+        for training in (True, False):
+            assert layer.router.expert_capacity(64, training) is None
+    else:
+        name = spelling[spelling.index("(") + 1:spelling.index("=")]
+        assert getattr(layer.router, name) == value
 
 
 @pytest.mark.parametrize("bad_mask", [np.ones((2, 4), bool), np.ones((2,), bool),
@@ -168,7 +264,8 @@ def test_large_group_queue_is_exact_under_float16():
     keras.mixed_precision.set_global_policy("mixed_float16")
     x = np.random.default_rng(0).normal(size=(1, 8192, 4)).astype("float32")
     layer = tf_moe.MoELayer(num_experts=4, expert_hidden_dim=4, group_size=8192,
-                            capacity_factor_eval=1.0, second_policy_eval="all", seed=0)
+                            router=tf_moe.Top2Router(capacity_factor_eval=1.0,
+                                                     second_policy_eval="all"), seed=0)
     routed = layer.route(x)
     gates = routed["gates"].numpy()
     slots = (gates > 0).sum(axis=1)[0]  # tokens kept per expert
@@ -182,20 +279,20 @@ def test_large_group_queue_is_exact_under_float16():
 @pytest.mark.parametrize("router", ["top_2", "switch", "noisy_top_k", "top_n"])
 def test_random_policies_repeat_under_set_random_seed(router):
     # Thresholds above the usual second gate, so the "random" policy draws decide.
-    kwargs = (dict(switch_policy_train="sample") if router == "switch"
-              else dict(second_threshold_train=0.9, second_threshold_eval=0.9))
+    options = (dict(policy_train="sample") if router == "switch"
+               else dict(second_threshold_train=0.9, second_threshold_eval=0.9))
     x = np.random.default_rng(0).normal(size=(4, 16, 6)).astype("float32")
 
     def run():
         keras.utils.set_random_seed(123)
-        layer = tf_moe.MoELayer(num_experts=4, router=router, **kwargs)
+        layer = tf_moe.MoELayer(num_experts=4, router=_router(router, **options))
         return [layer.route(x, training=True)["gates"].numpy() for _ in range(3)]
 
     first, second = run(), run()
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
     assert any(not np.array_equal(first[0], g) for g in first[1:])  # fresh draws per step
-    inference = tf_moe.MoELayer(num_experts=4, router=router, **kwargs)
+    inference = tf_moe.MoELayer(num_experts=4, router=_router(router, **options))
     np.testing.assert_array_equal(inference(x).numpy(), inference(x).numpy())
 
 
@@ -241,28 +338,28 @@ def test_random_draws_are_tensorflows_with_and_without_xla(jit_compile):
         got_unit, tf.random.stateless_uniform(shape, seed, alg="philox").numpy().reshape(-1))
 
 
-@pytest.mark.parametrize("router, kwargs", [
-    ("switch", {}),  # input jitter
-    ("expert_selection", {}),
-    ("switch", dict(switch_policy_train="input_dropout")),
-    ("switch", dict(switch_policy_train="sample")),
-    ("top_2", dict(second_threshold_train=0.9)),  # the "random" second policy
-    ("noisy_top_k", {}),  # Gaussian noise
-    ("top_n", {}),  # the "random" policy of the third choice: a salted stream
+@pytest.mark.parametrize("router, kwargs, seed", [
+    (tf_moe.SwitchRouter, {}, 9),  # input jitter
+    (tf_moe.ExpertSelectionRouter, {}, 9),
+    (tf_moe.SwitchRouter, dict(policy_train="input_dropout"), 9),
+    (tf_moe.SwitchRouter, dict(policy_train="sample"), 9),
+    (tf_moe.Top2Router, dict(second_threshold_train=0.9), 9),  # the "random" second policy
+    (tf_moe.NoisyTopKRouter, {}, 9),  # Gaussian noise
+    (tf_moe.TopNRouter, {}, 9),  # the "random" policy of the third choice: a salted stream
     # Two salted streams (exploration, then sampling at a temperature), in training only;
     # a negative layer seed gives training seeds a negative half too.
-    ("switch", dict(use_second_place_expert_prob=0.5, use_second_place_expert_prob_temp=1.0,
-                    seed=-9)),
+    (tf_moe.SwitchRouter, dict(use_second_place_expert_prob=0.5,
+                               use_second_place_expert_prob_temp=1.0), -9),
 ], ids=["jitter", "expert_selection", "dropout", "sample", "top_2_random", "noisy_top_k",
         "top_n_salted", "switch_salted"])
 @pytest.mark.parametrize("training", [True, False])  # inference seeds have a negative half
-def test_random_policies_draw_the_same_under_jit_compile(router, kwargs, training):
+def test_random_policies_draw_the_same_under_jit_compile(router, kwargs, seed, training):
     x = np.random.default_rng(0).normal(size=(4, 16, 6)).astype("float32")
     if not training:  # the same policies at evaluation
         kwargs = {key.replace("_train", "_eval"): value for key, value in kwargs.items()}
-    kwargs = dict(dict(seed=9), **kwargs)
-    eager = tf_moe.MoELayer(num_experts=4, router=router, **kwargs)
-    compiled = tf_moe.MoELayer(num_experts=4, router=router, **kwargs)
+    # The routers take the layer's seed.
+    eager = tf_moe.MoELayer(num_experts=4, router=router(**kwargs), seed=seed)
+    compiled = tf_moe.MoELayer(num_experts=4, router=router(**kwargs), seed=seed)
     route = tf.function(lambda x: compiled.route(x, training=training)["gates"],
                         jit_compile=True)
     for _ in range(2):  # in training, fresh draws at each step, the same in both
