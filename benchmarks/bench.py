@@ -5,8 +5,8 @@ Usage: see benchmarks/README.md. In one run:
 * the machine: CPU, TensorFlow version, measured float32 `tf.matmul` peak;
 * the main configuration (4,096 tokens in one group, m=256, e=8, h=1,024,
   capacity factor 1.25), XLA off and on: the dense baseline, tf_moe with each
-  dispatch and every router, Model Garden's `MoeLayer` (expert choice, the only
-  router it has);
+  dispatch and every Mesh-TF router, Model Garden's `MoeLayer` (expert choice,
+  the only router it has);
 * a per-stage profile of tf_moe (route, dispatch, experts, combine, each
   forward+backward) with the experts' achieved GFLOP/s;
 * sweeps over the group size (one group of `s` tokens) and the number of
@@ -38,7 +38,9 @@ import tensorflow as tf  # noqa: E402
 import tf_moe  # noqa: E402
 from tf_moe import dispatch as dispatch_module  # noqa: E402
 from tf_moe import routing  # noqa: E402
-from tf_moe.routers import ROUTERS  # noqa: E402
+# The routers with Mesh-TF's two capacity factors (TopKRouter takes one, and no
+# capacity_factor_train: moe_layer's arguments).
+from tf_moe.routers import MESH_TF_ROUTERS  # noqa: E402
 
 MAIN = dict(tokens=4096, group_size=4096, model_dim=256, num_experts=8, hidden_dim=1024,
             capacity_factor=1.25)
@@ -71,14 +73,14 @@ def dense_step(config, xla):
 
 
 def moe_layer(config, router, dispatch, **options):
-    """tf_moe's `MoELayer` on `config` with router `router` (a name of `ROUTERS`).
+    """tf_moe's `MoELayer` on `config` with router `router` (a name of `MESH_TF_ROUTERS`).
 
     The router owns the capacity (`config["capacity_factor"]` in training, at
     least 4 slots); `options` are further arguments of the router, e.g.
     `policy_train="argmax"`. It gets the layer's seed, as one made by name does.
     """
     keras.utils.set_random_seed(0)
-    router = ROUTERS[router](capacity_factor_train=config["capacity_factor"],
+    router = MESH_TF_ROUTERS[router](capacity_factor_train=config["capacity_factor"],
                              min_expert_capacity=4, **options)
     layer = tf_moe.MoELayer(
         num_experts=config["num_experts"], expert_hidden_dim=config["hidden_dim"],
@@ -294,7 +296,7 @@ def main():
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[256, 1024, 4096, 8192])
     parser.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64])
-    parser.add_argument("--routers", nargs="+", default=sorted(ROUTERS))
+    parser.add_argument("--routers", nargs="+", default=sorted(MESH_TF_ROUTERS))
     parser.add_argument("--sweep-routers", nargs="+", default=["top_2", "expert_selection"])
     parser.add_argument("--no-xla", action="store_true", help="skip the XLA runs")
     parser.add_argument("--no-garden", action="store_true", help="skip Model Garden")
