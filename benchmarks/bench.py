@@ -7,6 +7,12 @@ Usage: see benchmarks/README.md. In one run:
   capacity factor 1.25), XLA off and on: the dense baseline, tf_moe with each
   dispatch and every Mesh-TF router, Model Garden's `MoeLayer` (expert choice,
   the only router it has);
+* token-choice top-k without capacity (`TopKRouter(capacity_factor=None)`,
+  SwiGLU experts, gather dispatch) on the same 4,096 tokens: k=2 of 8
+  (h=512), fine-grained k=8 of 64 (h=128), k=2 of 8 with a shared expert
+  (h=512), and KerasHub's `MixtralSparseMoeBlock` at the first two shapes
+  (`keras_hub_peer.py`'s side venv), XLA off and on; each against a dense
+  SwiGLU FFN of its active width `k * h + shared`;
 * a per-stage profile of tf_moe (route, dispatch, experts, combine, each
   forward+backward) with the experts' achieved GFLOP/s;
 * sweeps over the group size (one group of `s` tokens) and the number of
@@ -35,16 +41,31 @@ import common  # noqa: E402  (sets the allocator before TensorFlow starts)
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import keras_hub_peer  # noqa: E402
 import tf_moe  # noqa: E402
 from tf_moe import dispatch as dispatch_module  # noqa: E402
 from tf_moe import routing  # noqa: E402
 # The routers with Mesh-TF's two capacity factors (TopKRouter takes one, and no
-# capacity_factor_train: moe_layer's arguments).
+# capacity_factor_train: moe_layer's arguments). TopKRouter's models are TOP_K below.
 from tf_moe.routers import MESH_TF_ROUTERS  # noqa: E402
 
 MAIN = dict(tokens=4096, group_size=4096, model_dim=256, num_experts=8, hidden_dim=1024,
             capacity_factor=1.25)
 DISPATCHES = ("einsum", "gather")
+# Token-choice top-k, dropless, SwiGLU experts (Mixtral's FFN), on MAIN's tokens. Each model's
+# baseline is a dense SwiGLU FFN of its active width k * h + shared (`active_width`): the
+# fine-grained experts are h/4 wide so that k=8 of them have the FLOPs of k=2 of 8.
+GLU = ["silu", "linear"]
+TOP_K_BASE = dict(tokens=4096, group_size=4096, model_dim=256)
+TOP_K = {
+    "top_k k=2 of 8": dict(TOP_K_BASE, num_experts=8, hidden_dim=512, k=2),
+    "top_k k=8 of 64": dict(TOP_K_BASE, num_experts=64, hidden_dim=128, k=8),
+    "top_k k=2 of 8 + shared": dict(TOP_K_BASE, num_experts=8, hidden_dim=512, k=2,
+                                    shared_hidden_dim=512),
+}
+# KerasHub's MixtralSparseMoeBlock (every expert on every token) at the shapes it has.
+KERAS_HUB = {"keras_hub/mixtral k=2 of 8": TOP_K["top_k k=2 of 8"],
+             "keras_hub/mixtral k=8 of 64": TOP_K["top_k k=8 of 64"]}
 GARDEN_VENV = os.path.join(HERE, ".venv-garden")
 TORCH_VENV = os.path.join(HERE, ".venv-torch")
 # The PyTorch build this machine has on disk (a CPU build); elsewhere pip may fetch a larger one.
@@ -70,6 +91,50 @@ def dense_step(config, xla):
         return tf.reduce_mean(tf.square(y))
 
     return common.make_step(loss_fn, [wi, wo], xla)
+
+
+def active_width(config):
+    """The hidden width a token meets: `k * h`, plus the shared expert's."""
+    return config["k"] * config["hidden_dim"] + config.get("shared_hidden_dim", 0)
+
+
+def dense_glu_name(config):
+    return f"dense swiglu h={active_width(config)}"
+
+
+def dense_glu_step(config, xla):
+    """A SwiGLU FFN `(silu(x w0) * (x w1)) wo` of hidden width `active_width(config)`, no bias."""
+    m, hidden = config["model_dim"], active_width(config)
+    init = keras.initializers.TruncatedNormal(stddev=0.02, seed=0)
+    w0, w1, wo = (tf.Variable(init(shape)) for shape in ([m, hidden], [m, hidden], [hidden, m]))
+
+    def loss_fn(x):
+        y = tf.matmul(tf.nn.silu(tf.matmul(x, w0)) * tf.matmul(x, w1), wo)
+        return tf.reduce_mean(tf.square(y))
+
+    return common.make_step(loss_fn, [w0, w1, wo], xla)
+
+
+def top_k_layer(config):
+    """tf_moe's dropless top-k `MoELayer` (gather dispatch, SwiGLU) on a `TOP_K` configuration."""
+    keras.utils.set_random_seed(0)
+    layer = tf_moe.MoELayer(
+        num_experts=config["num_experts"], expert_hidden_dim=config["hidden_dim"],
+        router=tf_moe.TopKRouter(k=config["k"], capacity_factor=None), activation=GLU,
+        group_size=config["group_size"], dispatch="gather",
+        shared_expert_hidden_dim=config.get("shared_hidden_dim"), seed=0)
+    layer.build((None, config["model_dim"]))
+    return layer
+
+
+def top_k_step(config, xla):
+    layer = top_k_layer(config)
+
+    def loss_fn(x):
+        y = layer(x, training=True)
+        return tf.reduce_mean(tf.square(y)) + tf.add_n(layer.losses)
+
+    return common.make_step(loss_fn, layer.trainable_weights, xla)
 
 
 def moe_layer(config, router, dispatch, **options):
@@ -127,6 +192,42 @@ def run_moes(config, xla, routers):
     """tf_moe on `config` with every dispatch and each of `routers`."""
     return [run_tf(config, "moe", xla, router, dispatch)
             for dispatch in DISPATCHES for router in routers]
+
+
+def _timed(name, config, xla, make_step, baseline=None):
+    log(f"  {name:36s} s={config['group_size']:5d} e={config.get('num_experts', 0):3d} xla={xla}")
+    try:
+        result = common.measure(make_step(config, xla), inputs(config))
+    except Exception as error:  # noqa: BLE001 - an OOM or XLA failure is a result too
+        result = dict(error=f"{type(error).__name__}: {str(error)[:200]}")
+    return dict(config, model=name, baseline=baseline or name, xla=xla, **result)
+
+
+def run_top_k(xla, keras_hub):
+    """The `TOP_K` models, their dense SwiGLU baselines and (if `keras_hub`) KerasHub's block."""
+    rows, baselines = [], {}
+    for config in TOP_K.values():
+        baselines.setdefault(dense_glu_name(config), config)
+    for name, config in baselines.items():
+        rows.append(_timed(name, config, xla, dense_glu_step))
+    for name, config in TOP_K.items():
+        rows.append(_timed(f"tf_moe/gather/{name}", config, xla, top_k_step,
+                           dense_glu_name(config)))
+    if keras_hub:
+        for name, config in KERAS_HUB.items():
+            rows.append(_timed(name, config, xla, keras_hub_peer.keras_hub_step,
+                               dense_glu_name(config)))
+    return rows
+
+
+def keras_hub_available(create):
+    """Whether KerasHub imports here (from `keras_hub_peer.py`'s venv, created if `create`)."""
+    if create and keras_hub_peer.ensure_venv() is None:
+        return False
+    available = keras_hub_peer.add_keras_hub_to_path()
+    if not available:
+        log("  KerasHub not available (python benchmarks/keras_hub_peer.py creates its venv)")
+    return available
 
 
 # --------------------------------------------------------------- Model Garden
@@ -194,7 +295,8 @@ def run_head_to_head(args):
     python = None if args.no_garden else ensure_garden_venv()
     path = os.path.join(args.out, "head_to_head.json")
     command = [python or sys.executable, os.path.join(HERE, "head_to_head.py"), path,
-               "--rounds", str(args.rounds)] + ([] if args.no_xla else ["--xla"])
+               "--rounds", str(args.rounds)] + ([] if args.no_xla else ["--xla"]) + (
+                   ["--no-keras-hub"] if args.no_keras_hub else [])
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         log(f"  head to head failed:\n{done.stderr[-2000:]}")
@@ -300,6 +402,8 @@ def main():
     parser.add_argument("--sweep-routers", nargs="+", default=["top_2", "expert_selection"])
     parser.add_argument("--no-xla", action="store_true", help="skip the XLA runs")
     parser.add_argument("--no-garden", action="store_true", help="skip Model Garden")
+    parser.add_argument("--no-keras-hub", action="store_true",
+                        help="skip KerasHub's MixtralSparseMoeBlock (and its venv's creation)")
     parser.add_argument("--no-sweeps", action="store_true")
     parser.add_argument("--torch", action="store_true",
                         help="also lucidrains' PyTorch mixture-of-experts (creates .venv-torch)")
@@ -309,7 +413,8 @@ def main():
     start = time.time()
 
     log("machine")
-    out = dict(machine=machine(), main=[], profile=[], group_sweep=[], expert_sweep=[])
+    out = dict(machine=machine(), main=[], top_k=[], profile=[], group_sweep=[],
+               expert_sweep=[])
     log(f"  {out['machine']}")
     garden_configs = []
 
@@ -318,6 +423,15 @@ def main():
         out["main"].append(run_tf(MAIN, "dense", xla))
         out["main"] += run_moes(MAIN, xla, args.routers)
         garden_configs.append(dict(MAIN, xla=xla, section="main"))
+
+    log("token-choice top-k, dropless, against dense SwiGLU of the active width")
+    keras_hub = not args.no_keras_hub and keras_hub_available(create=True)
+    for xla in [False] if args.no_xla else [False, True]:
+        out["top_k"] += run_top_k(xla, keras_hub)
+    if keras_hub:
+        import keras_hub as keras_hub_module  # noqa: PLC0415
+
+        out["machine"]["keras_hub"] = keras_hub_module.__version__
 
     save(out, args.out)
     log("per-stage profile")
