@@ -378,3 +378,23 @@ def test_router_tensorboard_writes_the_bias_and_dropped_choices(tmp_path):
     np.testing.assert_allclose(buckets[:, 2], router.expert_bias.numpy(), rtol=1e-6)
     for key in ("moe/dropped_choices", "moe/probe_dropped_choices", "moe/expert_bias_spread"):
         assert [step for step, _, _ in events[key]] == [0, 1], key
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_gradients_are_finite_under_xla_with_padding(score):
+    """A token that chose nothing (padding) must not give a NaN gradient under XLA."""
+    layer = _layer(tf_moe.TopKRouter(k=2, score=score))
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 15, 6)).astype("float32"))
+    mask = tf.constant(np.arange(15)[None].repeat(2, 0) < 11)
+    layer(x, mask=mask)
+
+    @tf.function(jit_compile=True)
+    def gradients(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x, mask=mask, training=True) ** 2) + tf.add_n(
+                layer.losses)
+        return tape.gradient(loss, [x] + layer.trainable_weights)
+
+    for gradient in gradients(x):
+        assert np.isfinite(gradient.numpy()).all()

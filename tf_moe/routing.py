@@ -1337,7 +1337,9 @@ def top_k_gating(logits, expert_capacity, *, k=2, score="softmax", normalize=Tru
     chosen = _top_k_mask(choosing, k) * valid[..., None]  # [..., s, e]
     gates = probs * chosen
     if normalize and (score == "softmax" or k > 1):
-        gates /= tf.reduce_sum(gates, axis=-1, keepdims=True) + 1e-20
+        # divide_no_nan, not `+ 1e-20`: under XLA on CPU the gradient's 1e-40 flushes to
+        # 0 and a token that chose nothing (padding) got a NaN gradient.
+        gates = tf.math.divide_no_nan(gates, tf.reduce_sum(gates, axis=-1, keepdims=True))
     if scaling_factor:
         gates *= scaling_factor
     rank = _priority_rank(chosen, gates, drop_policy, positions)  # [..., s, e]
