@@ -79,12 +79,18 @@ def _flat_experts(weight, num_expert_axes):
     return tf.reshape(weight, [experts] + weight.shape[num_expert_axes:].as_list())
 
 
+def _flat_bias(bias):
+    """A bias `[E..., h]` as `[prod(E), 1, h]`, to add to `[e, t, h]`."""
+    bias = tf.convert_to_tensor(bias)
+    return tf.reshape(bias, [-1, 1, bias.shape[-1]])
+
+
 @keras.saving.register_keras_serializable(package="tf_moe")
 class FeedForwardExperts(keras.layers.Layer):
     """`e` two-layer feed-forward experts, batched: `[e, ..., m] -> [e, ..., n]`.
 
     Expert `i` computes `act(x @ wi[i]) @ wo[i]` with `wi [e, m, h]` and
-    `wo [e, h, n]` (no bias, as Mesh-TF). With a list of activations the
+    `wo [e, h, n]` (no bias by default, as Mesh-TF). With a list of activations the
     hidden layer is gated as Mesh-TF's activation lists (GLU): one input kernel
     `wi_k [e, m, h]` per activation and `h = prod_k act_k(x @ wi_k)`, so
     `activation=["gelu", "linear"]` gives `(gelu(x wi_0) * (x wi_1)) wo`.
@@ -105,6 +111,8 @@ class FeedForwardExperts(keras.layers.Layer):
         seed: int or None, seeds the kernels (kernel `k` with `seed + 1 + k`)
             and the dropout.
         dropout_seed: int or None, the dropout's own seed; default `seed`.
+        use_bias: bool: biases `bi [e, h]` (one per GLU kernel) and `bo [e, n]`,
+            zeros at first, as Keras' `Dense` (Mesh-TF's experts have none).
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -123,7 +131,7 @@ class FeedForwardExperts(keras.layers.Layer):
     @_checks.python_numbers
     def __init__(self, num_experts, hidden_dim, activation="relu", output_dim=None,
                  dropout_rate=0.0, kernel_initializer=None, seed=None, dropout_seed=None,
-                 **kwargs):
+                 use_bias=False, **kwargs):
         super().__init__(**kwargs)
         self.expert_shape = tuple(num_experts) if isinstance(num_experts, (tuple, list)) else (
             num_experts,)
@@ -142,6 +150,8 @@ class FeedForwardExperts(keras.layers.Layer):
             keras.initializers.get(kernel_initializer) if kernel_initializer is not None else None)
         self.seed = seed
         self.dropout_seed = dropout_seed
+        _checks.check_bool("use_bias", use_bias)
+        self.use_bias = bool(use_bias)
 
     def _initializer(self, fan_in, index):
         """Initializer of kernel number `index`: each kernel gets its own seed."""
@@ -174,6 +184,13 @@ class FeedForwardExperts(keras.layers.Layer):
         ]
         self.wo = self.add_weight(name="wo", shape=self.expert_shape + (h, n),
                                   initializer=self._initializer(h, len(self._activations)))
+        if self.use_bias:  # as Keras' Dense: zeros
+            glu = len(self._activations) > 1
+            self.bi = [self.add_weight(name=f"bi_{k}" if glu else "bi",
+                                       shape=self.expert_shape + (h,), initializer="zeros")
+                       for k in range(len(self._activations))]
+            self.bo = self.add_weight(name="bo", shape=self.expert_shape + (n,),
+                                      initializer="zeros")
         self.seed_base, self.seed_step = seeding.add_seed_weights(
             self, self.seed if self.dropout_seed is None else self.dropout_seed)
 
@@ -185,13 +202,18 @@ class FeedForwardExperts(keras.layers.Layer):
         experts = tf.reduce_prod(shape[:k])
         x = tf.reshape(inputs, [experts, -1, shape[-1]])  # [e, t, m]
         hidden = None
-        for wi, activation in zip(self.wi, self._activations):
-            h = activation(expert_matmul(x, _flat_experts(wi, k)))  # "etm,emh->eth"
+        for index, (wi, activation) in enumerate(zip(self.wi, self._activations)):
+            h = expert_matmul(x, _flat_experts(wi, k))  # "etm,emh->eth"
+            if self.use_bias:
+                h += _flat_bias(self.bi[index])
+            h = activation(h)
             hidden = h if hidden is None else hidden * h
         if training and self.dropout_rate > 0:
             hidden = seeding.dropout(hidden, self.dropout_rate,
                                      seeding.next_seed(self.seed_base, self.seed_step))
         y = expert_matmul(hidden, _flat_experts(self.wo, k))  # "eth,ehn->etn"
+        if self.use_bias:
+            y += _flat_bias(self.bo)
         return tf.reshape(y, tf.concat([shape[:-1], tf.shape(y)[-1:]], axis=0))
 
     def load_own_variables(self, store):
@@ -214,5 +236,6 @@ class FeedForwardExperts(keras.layers.Layer):
                                 if self.kernel_initializer is not None else None),
             seed=self.seed,
             dropout_seed=self.dropout_seed,
+            use_bias=self.use_bias,
         )
         return config

@@ -15,6 +15,7 @@ plan.dispatch -> [e, g, c, m] -> experts -> [e, g, c, n] -> plan.combine -> [g, 
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tf_moe import _checks, _compat, distribute, grouping, options, routers
@@ -32,6 +33,30 @@ def _check_even_width(width):
         raise ValueError(
             f"use_experts_attention splits the experts' outputs into q and k: the custom "
             f"experts must output an even width, got {width}.")
+
+
+def _two_dense_layers(ffn):
+    """The `(first, second)` `Dense` layers of a dense FFN, checked for upcycling."""
+    if hasattr(ffn, "layers"):  # a Sequential or functional model
+        dense = [layer for layer in ffn.layers if not isinstance(layer, keras.layers.InputLayer)]
+    else:  # a layer holding its two Dense layers as attributes
+        dense = [value for value in vars(ffn).values() if isinstance(value, keras.layers.Layer)]
+    if len(dense) != 2 or not all(isinstance(layer, keras.layers.Dense) for layer in dense):
+        raise ValueError(
+            "from_dense takes an FFN made of exactly two Dense layers (in -> hidden with an "
+            "activation -> out): a keras.Sequential of them or a layer holding them; got "
+            f"{[type(layer).__name__ for layer in dense]}.")
+    first, second = dense
+    if not (first.built and second.built):
+        raise ValueError("from_dense needs a built FFN (call it once, or give its Input).")
+    if second.activation not in (keras.activations.linear, None):
+        raise ValueError("from_dense: the FFN's second Dense must be linear (the MoE "
+                         "combines the experts' outputs before any activation), got "
+                         f"{keras.activations.serialize(second.activation)!r}.")
+    if first.kernel.shape[1] != second.kernel.shape[0]:
+        raise ValueError(f"from_dense: the Dense layers do not chain: {first.kernel.shape} "
+                         f"then {second.kernel.shape}.")
+    return first, second
 
 
 def make_router(router, num_experts, *, seed, name, owner, defaults=None, accepted=None):
@@ -608,6 +633,65 @@ class MoELayer(MoEBase):
                                         grouped.finite)  # [g, s, e] -> [..., e]
         return dict(gates=gates, balance_loss=result.balance_loss, aux_loss=result.balance_loss,
                     z_loss=result.z_loss, **result.metrics)
+
+    @classmethod
+    def from_dense(cls, ffn, num_experts, router="top_k", noise=None, **layer_arguments):
+        """Sparse upcycling: an MoE layer whose every expert starts as a copy of a dense FFN.
+
+        As T5X's upcycling (Komatsuzaki et al. 2022) and Megatron-Core's: the
+        FFN's weights are repeated `num_experts` times, the router starts from
+        its own initializer. With a router whose gates sum to 1 and that drops
+        nothing, the layer's output equals the FFN's at the start:
+        `TopKRouter` (the default: `k=2`, `normalize=True`, no capacity, any
+        `k`) and `Top2Router` or `TopNRouter` with `second_policy_*="all"` and
+        capacity factors of None keep it; switch (the gate is a probability),
+        expert selection and routers with a capacity do not.
+
+        Args:
+            ffn: a built Keras layer made of two `Dense` layers, in -> hidden
+                with an activation -> out (linear), with or without biases: a
+                `keras.Sequential` of them, or a layer holding them.
+            num_experts: `e`, the copies.
+            router: a router name or object, as for `MoELayer`.
+            noise: None, or a float: each copy's kernels get
+                `noise * std(kernel) * N(0, 1)` added (seeded by `seed`).
+            **layer_arguments: other `MoELayer` arguments (`seed`, `name`, ...).
+
+        Returns:
+            The `MoELayer`, built, its experts `FeedForwardExperts` with the
+            FFN's activation, widths and biases.
+
+        Example:
+        >>> ffn = keras.Sequential([keras.Input((None, 8)), keras.layers.Dense(32, "gelu"),
+        ...                         keras.layers.Dense(8)])
+        >>> moe = MoELayer.from_dense(ffn, num_experts=4)
+        >>> x = tf.random.normal([2, 5, 8])
+        >>> bool(np.allclose(moe(x).numpy(), ffn(x).numpy(), atol=1e-6))
+        True
+        """
+        first, second = _two_dense_layers(ffn)
+        _checks.check_number("noise", noise, 0.0, allow_none=True)
+        (model_dim, hidden), (_, width) = first.kernel.shape, second.kernel.shape
+        seed = layer_arguments.get("seed")
+        experts = FeedForwardExperts(
+            num_experts, hidden, activation=first.activation, output_dim=width,
+            use_bias=first.use_bias or second.use_bias,
+            dropout_rate=layer_arguments.pop("expert_dropout_rate", 0.0),
+            seed=None if seed is None else seed + 1, dtype=layer_arguments.get("dtype"))
+        layer = cls(num_experts=num_experts, router=router, experts=experts,
+                    expert_hidden_dim=hidden, output_dim=width, **layer_arguments)
+        layer.build((None, None, model_dim))
+        rng = np.random.default_rng(seed)
+        for weights, dense in ((experts.wi[0], first), (experts.wo, second)):
+            kernel = np.repeat(np.asarray(dense.kernel)[None], num_experts, axis=0)
+            if noise:
+                kernel = kernel + noise * kernel.std() * rng.standard_normal(kernel.shape)
+            weights.assign(kernel.astype(weights.dtype))
+        if experts.use_bias:
+            for weights, dense in ((experts.bi[0], first), (experts.bo, second)):
+                if dense.use_bias:
+                    weights.assign(np.repeat(np.asarray(dense.bias)[None], num_experts, 0))
+        return layer
 
     def _experts_width(self, model_dim):
         """The width of the experts' outputs: `n`, or `2n` for q and k (None if unknown)."""
