@@ -73,7 +73,9 @@ def top_k(logits, c, importance=None, *, k=2, score="softmax", normalize=True,
     for g in range(groups):
         for e in range(experts):
             queue = [t for t in range(size) if chosen[g, t, e]]
-            if drop_policy == "probs":
+            if c >= size:  # nothing can be dropped: slots in token order
+                pass
+            elif drop_policy == "probs":
                 queue.sort(key=lambda t: (-gates[g, t, e], t))
             elif position is not None:
                 queue.sort(key=lambda t: (position[g, t], sequence[g, t], t))

@@ -1276,7 +1276,8 @@ def top_k_gating(logits, expert_capacity, *, k=2, score="softmax", normalize=Tru
     most `expert_capacity` of its group's tokens, those with the highest gates
     (`drop_policy="probs"`) or the earliest in their sequences
     (`"position"`: by position, then sequence, Megatron's `[seq, batch]`
-    order). A token's slot is its rank in that order. Padding and masked
+    order). A token's slot is its rank in that order (in token order when
+    `expert_capacity >= s`: nothing can be dropped). Padding and masked
     tokens (importance 0) choose nothing and take no slot.
 
     Balance loss (Megatron's `switch_load_balancing_loss_func`):
@@ -1342,11 +1343,16 @@ def top_k_gating(logits, expert_capacity, *, k=2, score="softmax", normalize=Tru
         gates = tf.math.divide_no_nan(gates, tf.reduce_sum(gates, axis=-1, keepdims=True))
     if scaling_factor:
         gates *= scaling_factor
-    rank = _priority_rank(chosen, gates, drop_policy, positions)  # [..., s, e]
+    if isinstance(expert_capacity, int) and expert_capacity >= logits.shape[-2]:
+        rank = _priority_rank(chosen, gates, "position", None)  # nothing to drop: any order
+    else:
+        rank = _priority_rank(chosen, gates, drop_policy, positions)  # [..., s, e]
     kept = (chosen > 0.0) & (rank < tf.cast(expert_capacity, tf.int32))
     slots = tf.where(kept, rank, -1)
     gates = tf.where(kept, gates, 0.0)
-    balance_loss = _top_k_balance_loss(probs, score, k, valid, balance_loss_type, positions)
+    unbiased = chosen if expert_bias is None and not num_expert_groups else None
+    balance_loss = _top_k_balance_loss(probs, score, k, valid, balance_loss_type, positions,
+                                       unbiased)
     return _result((slots, gates), balance_loss, logits, importance, requested=chosen,
                    expert_capacity=expert_capacity)
 
@@ -1415,14 +1421,18 @@ def _priority_rank(chosen, gates, policy, positions):
     return tf.reshape(rank, shape)
 
 
-def _top_k_balance_loss(probs, score, k, valid, loss_type, positions):
-    """`e * sum_i f_i P_i` per group or per sequence, averaged (see `top_k_gating`)."""
+def _top_k_balance_loss(probs, score, k, valid, loss_type, positions, choices=None):
+    """`e * sum_i f_i P_i` per group or per sequence, averaged (see `top_k_gating`).
+
+    `choices`: the valid tokens' top-k of the unbiased scores, if already known.
+    """
     if loss_type is None:
         return tf.constant(0.0)
     num_experts = probs.shape[-1]
     if score == "sigmoid":
         probs = probs / (tf.reduce_sum(probs, axis=-1, keepdims=True) + 1e-20)
-    choices = _top_k_mask(probs, k) * valid[..., None]  # [..., s, e]
+    if choices is None:
+        choices = _top_k_mask(probs, k) * valid[..., None]  # [..., s, e]
     probs = probs * valid[..., None]
     s = tf.shape(probs)[-2]
     if loss_type == "sequence" and positions is not None:
