@@ -229,7 +229,8 @@ class HierarchicalMoELayer(MoEBase):
         group_size: largest number of tokens routed together, at both levels.
         loss_coef: weight of the router losses in the model's loss.
         z_loss_coef: weight of the router z-losses relative to the balance
-            losses, or None for no z-loss.
+            losses: `loss_coef * z_loss_coef * z`, so ST-MoE's 1e-3 is 0.1 at
+            `loss_coef=1e-2`. None: no z-loss.
         activation: the experts' activation, or a list of activations for GLU
             experts (`["gelu", "linear"]` gives `(gelu(t wi_0) * (t wi_1)) wo`).
         output_dim: `n`; default: the input width `m`.

@@ -380,8 +380,9 @@ class MoELayer(MoEBase):
             defaults (`"top_2"`, `"switch"`, ...: `tf_moe.routers.ROUTERS`).
         group_size: largest number of tokens routed together.
         loss_coef: weight of the router losses in the model's loss.
-        z_loss_coef: weight of the router z-loss relative to the balance loss,
-            or None for no z-loss (Mesh-TF's `moe_z_loss`).
+        z_loss_coef: weight of the router z-loss relative to the balance loss
+            (Mesh-TF's `moe_z_loss`): the term is `loss_coef * z_loss_coef * z`,
+            so ST-MoE's 1e-3 is 0.1 at `loss_coef=1e-2`. None: no z-loss.
         activation: the experts' activation, or a list for GLU experts.
         output_dim: `n`; default: the input width `m`.
         experts: optional Keras layer mapping `[e, ..., m]` to `[e, ..., n]`
