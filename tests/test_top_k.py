@@ -398,3 +398,73 @@ def test_gradients_are_finite_under_xla_with_padding(score):
 
     for gradient in gradients(x):
         assert np.isfinite(gradient.numpy()).all()
+
+
+def _loss_and_gradients(layer, x, mask, training):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, mask=mask, training=training)
+        weights = tf.reshape(tf.range(tf.size(y), dtype=tf.float32) % 7.0, tf.shape(y))
+        loss = tf.reduce_sum(y * weights) + tf.add_n(layer.losses)
+    return y, tape.gradient(loss, [x] + layer.trainable_weights)
+
+
+@pytest.mark.parametrize("router", [
+    lambda: tf_moe.TopKRouter(k=2),
+    lambda: tf_moe.TopKRouter(k=8, score="sigmoid", num_expert_groups=4,
+                              expert_groups_per_token=2),
+    lambda: tf_moe.Top2Router(second_policy_train="all", second_policy_eval="all",
+                              capacity_factor_train=None, capacity_factor_eval=None),
+    lambda: tf_moe.SwitchRouter(policy_train="argmax", capacity_factor_train=None,
+                                capacity_factor_eval=None),
+])
+@pytest.mark.parametrize("training", [False, True])
+def test_dropless_blocks_under_xla_equal_the_eager_path(router, training):
+    """Under XLA a router with no capacity runs the experts on blocks (BlockPlan)."""
+    router = router()
+    experts = 64 if router.max_choices == 8 else 8
+    layer = tf_moe.MoELayer(experts, expert_hidden_dim=16, router=router, seed=0, group_size=96,
+                            activation=["silu", "linear"], shared_expert_hidden_dim=8)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(3, 50, 12)).astype("float32"))
+    mask = tf.constant(rng.random((3, 50)) > 0.2)
+    layer(x)
+    eager = _loss_and_gradients(layer, x, mask, training)
+    seen = {}
+
+    def compiled(x):
+        seen["blocks"] = layer._blocks_apply()
+        return _loss_and_gradients(layer, x, mask, training)
+
+    xla = tf.function(compiled, jit_compile=True)(x)
+    assert seen["blocks"]
+    np.testing.assert_allclose(xla[0].numpy(), eager[0].numpy(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(xla[1], eager[1]):  # weight gradients through a gather: IndexedSlices
+        np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(),
+                                   tf.convert_to_tensor(b).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_block_plan_bound_and_layout():
+    from tf_moe import dispatch  # noqa: PLC0415
+
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        groups, size, experts, k = rng.integers(1, 4), rng.integers(1, 40), 8, rng.integers(1, 4)
+        logits = rng.normal(size=(groups, size, experts)).astype("float32")
+        importance = (rng.random((groups, size)) > 0.3).astype("float32")
+        result = routing.top_k_gating(logits, int(size), k=int(k), importance=importance)
+        plan = dispatch.BlockPlan(result, max_choices=int(k))
+        index = plan.token_index.numpy()  # [blocks, B]
+        owner = plan.block_expert.numpy()
+        slots = result.expert_slots.numpy().reshape(-1, experts)
+        n = groups * size
+        assert plan.num_blocks == -(-k * n // plan.rows) + experts  # the static bound
+        held = {}
+        for b in range(plan.num_blocks):
+            for row in range(plan.rows):
+                token = index[b, row]
+                if token < n:
+                    held.setdefault(owner[b], []).append(token)
+        for e in range(experts):  # each expert's blocks hold exactly its tokens, in order
+            assert held.get(e, []) == sorted(np.nonzero(slots[:, e] >= 0)[0].tolist())
+        assert (np.diff(owner) >= 0).all()  # blocks sorted by expert

@@ -332,3 +332,82 @@ class DispatchPlan:
         if self.by_index:
             return self._slot_gates
         return tf.einsum(self._gates, self.result.dense()[1])
+
+
+def block_rows(num_choices, num_experts):
+    """Rows per block of `BlockPlan`: the largest power of 2 <= a quarter of an expert's mean load.
+
+    Padding each expert to whole blocks wastes at most `e * (B - 1)` rows, a
+    quarter of the real ones at most; larger blocks mean fewer weight reads.
+    Between 8 and 512.
+
+    Example:
+    >>> block_rows(2 * 4096, 8)  # k=2 of 8 experts, 4,096 tokens: 1,024 per expert
+    256
+    """
+    mean = num_choices / num_experts
+    rows = 8
+    while rows * 2 <= min(mean / 4, 512):
+        rows *= 2
+    return rows
+
+
+class BlockPlan:
+    """Dropless dispatch at the real cost under XLA: the choices sorted by expert, in blocks.
+
+    XLA needs static shapes, so a dropless `DispatchPlan` gives every expert
+    `s` slots per group (`e * s` rows for `k * s` choices). Here instead
+    (MegaBlocks' layout) the chosen (token, expert) pairs of the whole call
+    are sorted by expert and each expert's run is padded to whole blocks of
+    `B` rows: at most `ceil(k * g * s / B) + e` blocks, a static bound. Each
+    block belongs to one expert (`block_expert`), so the experts run as one
+    batched matmul over the blocks with each block's weights gathered.
+
+    Args:
+        result: a `RoutingResult` `[g, s, e]` that dropped nothing.
+        max_choices: `k`, the most experts a token may use (the bound).
+        rows: `B`; default `block_rows(k * g * s, e)`.
+
+    Example:
+    >>> r = tf_moe.routing.top_k_gating(tf.random.normal([2, 64, 8]), 64, k=2)
+    >>> plan = BlockPlan(r, max_choices=2)
+    >>> blocks = plan.dispatch(tf.ones([2, 64, 16]))  # [blocks, B, m]
+    >>> blocks.shape, plan.block_expert.shape, plan.combine(blocks).shape
+    (TensorShape([16, 32, 16]), TensorShape([16]), TensorShape([2, 64, 16]))
+    """
+
+    def __init__(self, result, max_choices, rows=None):
+        slots = result.expert_slots
+        groups, size, num_experts = _shape(slots)
+        num_tokens = groups * size
+        chosen = tf.cast(tf.reshape(slots >= 0, [num_tokens, num_experts]), tf.int32)  # [N, e]
+        self.rows = rows or block_rows(max_choices * num_tokens, num_experts)
+        self.num_blocks = -(-max_choices * num_tokens // self.rows) + num_experts
+        blocks = (tf.reduce_sum(chosen, axis=0) + self.rows - 1) // self.rows  # [e]
+        block_end = tf.cumsum(blocks)
+        first_row = (block_end - blocks) * self.rows  # [e]
+        rank = tf.cumsum(chosen, axis=0, exclusive=True)  # [N, e]: place in the expert's run
+        row = tf.where(chosen > 0, first_row[None] + rank, -1)  # [N, e]
+        total = self.num_blocks * self.rows
+        token = tf.broadcast_to(tf.range(num_tokens)[:, None], [num_tokens, num_experts])
+        token_index = tf.math.unsorted_segment_sum(token + 1, row, total) - 1  # [R]
+        token_index = tf.where(token_index >= 0, token_index, num_tokens)
+        gates = tf.reshape(result.expert_gates, [num_tokens, num_experts])
+        self.token_index = tf.reshape(token_index, [self.num_blocks, self.rows])
+        self.gates = tf.reshape(tf.math.unsorted_segment_sum(gates, row, total),
+                                [self.num_blocks, self.rows])
+        self.block_expert = tf.minimum(  # unused blocks at the end: the last expert's
+            tf.searchsorted(block_end, tf.range(self.num_blocks), side="right"),
+            num_experts - 1)
+        self._token_shape = [groups, size]
+        self._num_tokens = num_tokens
+
+    def dispatch(self, tokens):
+        """The blocks: `[g, s, m]` -> `[blocks, B, m]` (empty rows are zeros)."""
+        return gather_dispatch(tokens, self.token_index)
+
+    def combine(self, block_outputs):
+        """The tokens' outputs: `[blocks, B, n]` -> `[g, s, n]`."""
+        combined = scatter_combine(block_outputs, self.token_index, self.gates,
+                                   self._num_tokens)
+        return tf.reshape(combined, self._token_shape + [combined.shape[-1]])

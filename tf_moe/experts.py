@@ -216,6 +216,29 @@ class FeedForwardExperts(keras.layers.Layer):
             y += _flat_bias(self.bo)
         return tf.reshape(y, tf.concat([shape[:-1], tf.shape(y)[-1:]], axis=0))
 
+    def call_blocks(self, blocks, block_expert, training=None):
+        """The experts on blocks of rows, each block one expert's: `[b, B, m] -> [b, B, n]`.
+
+        For `tf_moe.dispatch.BlockPlan`: block `i` is computed by expert
+        `block_expert[i]`, as one batched matmul with each block's weights
+        gathered (their gradients are summed back per expert). One expert
+        axis only.
+        """
+        hidden = None
+        for index, (wi, activation) in enumerate(zip(self.wi, self._activations)):
+            h = tf.matmul(blocks, tf.gather(tf.convert_to_tensor(wi), block_expert))
+            if self.use_bias:
+                h += tf.gather(tf.convert_to_tensor(self.bi[index]), block_expert)[:, None]
+            h = activation(h)
+            hidden = h if hidden is None else hidden * h
+        if training and self.dropout_rate > 0:
+            hidden = seeding.dropout(hidden, self.dropout_rate,
+                                     seeding.next_seed(self.seed_base, self.seed_step))
+        y = tf.matmul(hidden, tf.gather(tf.convert_to_tensor(self.wo), block_expert))
+        if self.use_bias:
+            y += tf.gather(tf.convert_to_tensor(self.bo), block_expert)[:, None]
+        return y
+
     def load_own_variables(self, store):
         if not len(store.keys()) and getattr(self, "_loaded_by_owner", False):
             return  # an 0.1 file stored these weights on the owning layer, which loaded them

@@ -548,13 +548,9 @@ class MoELayer(MoEBase):
     def call(self, inputs, training=None, mask=None, token_embeddings=None):
         training = bool(training)
         grouped, result, dropless = self._route(inputs, mask, training, token_embeddings)
-        plan = dispatch_module.DispatchPlan(result, self.dispatch,
-                                            dropless=dropless and not self.expert_parallel)
-        expert_outputs = distribute.run_experts(  # [e, g, c, m] -> [e, g, c, n]
-            self.experts, plan.dispatch(grouped.tokens), training=training,
-            expert_parallel=self.expert_parallel, layer_name=self.name)
-        outputs = grouping.ungroup_tokens(plan.combine(expert_outputs), grouped.num_tokens,
-                                          inputs, grouped.finite)  # [g, s, n] -> [..., n]
+        routed = self._run_experts(grouped.tokens, result, dropless, training)  # [g, s, n]
+        outputs = grouping.ungroup_tokens(routed, grouped.num_tokens, inputs,
+                                          grouped.finite)  # [..., n]
         if self.shared_expert_hidden_dim is not None:
             outputs += self._shared_expert_outputs(inputs, training)
         if training:
@@ -577,6 +573,32 @@ class MoELayer(MoEBase):
                                         tf.cast(self.shared_expert_gate_kernel, inputs.dtype)))
             outputs *= tf.reshape(gate, tf.concat([tf.shape(inputs)[:-1], [1]], 0))
         return outputs
+
+    def _run_experts(self, tokens, result, dropless, training):
+        """The experts on the routed tokens: `[g, s, m]` -> `[g, s, n]`.
+
+        A `DispatchPlan` (`[e, g, c, m]` buffers), or, for a router with no
+        capacity under XLA, a `BlockPlan` whose static bound is about the real
+        `k * g * s` rows rather than `e * s` per group: with the default
+        `FeedForwardExperts`, gather dispatch and no expert parallelism.
+        """
+        if dropless and self._blocks_apply():
+            plan = dispatch_module.BlockPlan(result, self.router.max_choices)
+            return plan.combine(self.experts.call_blocks(  # [blocks, B, m] -> [blocks, B, n]
+                plan.dispatch(tokens), plan.block_expert, training=training))
+        plan = dispatch_module.DispatchPlan(result, self.dispatch,
+                                            dropless=dropless and not self.expert_parallel)
+        expert_outputs = distribute.run_experts(  # [e, g, c, m] -> [e, g, c, n]
+            self.experts, plan.dispatch(tokens), training=training,
+            expert_parallel=self.expert_parallel, layer_name=self.name)
+        return plan.combine(expert_outputs)
+
+    def _blocks_apply(self):
+        return (dispatch_module.in_xla_context() and not self.expert_parallel
+                and isinstance(self.experts, FeedForwardExperts)
+                and len(self.experts.expert_shape) == 1
+                and dispatch_module.resolve(self.dispatch) == "gather"
+                and self.router.max_choices is not None)
 
     def _outputs(self, outputs):
         if self.use_experts_attention:

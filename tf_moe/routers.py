@@ -91,6 +91,7 @@ class Router(keras.layers.Layer):
                 "capacity_factor_eval", "min_expert_capacity", "causal")
 
     min_experts = 1
+    max_choices = None  # the most experts a token may use, where the router knows (the k)
     _not_causal = "its routing of a token depends on the tokens after it."
     _k_experts = "uses its k={k} best experts"  # why it needs min_experts, for errors
     # What the router supports, for the layers and for users to read:
@@ -378,6 +379,10 @@ class TopNRouter(Router):
         self.use_second_place_loss = bool(use_second_place_loss)
 
     @property
+    def max_choices(self):
+        return self.k
+
+    @property
     def min_experts(self):
         return self.k
 
@@ -464,6 +469,7 @@ class TruncatedTop2Router(Router):
     TensorShape([2, 16, 8])
     """
 
+    max_choices = 2
     min_experts = 2
 
     def route(self, logits, expert_capacity, importance, training):
@@ -576,6 +582,7 @@ class SwitchRouter(_ExploringRouter):
     TensorShape([2, 16, 8])
     """
 
+    max_choices = 1
     supports_causal = True
     _options = ("temperature",)
 
@@ -671,6 +678,8 @@ class NTLBRouter(_ExploringRouter):
         super().__init__(num_experts, policy_train, policy_eval, jitter, dropout,
                          use_second_place_expert_prob, use_second_place_expert_prob_temp,
                          **kwargs)
+
+    max_choices = 1  # one expert, the first of its k with room
 
     @property
     def min_experts(self):
@@ -770,6 +779,10 @@ class NoisyTopKRouter(Router):
         _checks.check_number("noise_epsilon", noise_epsilon, 0.0)
         self.noise_epsilon = noise_epsilon
         self.noisy_gating = bool(noisy_gating)
+
+    @property
+    def max_choices(self):
+        return self.k
 
     @property
     def min_experts(self):
@@ -902,6 +915,10 @@ class TopKRouter(Router):
                 "keep their slots) or capacity_factor=None (nothing dropped); with "
                 "drop_policy='probs' a later token's higher gate takes an earlier one's slot.")
         self.metric_names = ("expert_bias_spread",) if self.use_expert_bias else ()
+
+    @property
+    def max_choices(self):
+        return self.k
 
     @property
     def min_experts(self):
