@@ -170,6 +170,8 @@ class MoEBase(_compat.ThreadLocalLosses, keras.layers.Layer):
     def _refuse_legacy_arguments(self, kwargs):
         """0.1's flat router arguments: a clear error saying where each one went."""
         for key in options.legacy_keys(kwargs):
+            if key == options.LEGACY_SECOND_LEVEL and self._router_argument == "router":
+                continue  # the two-level layer's only: Keras refuses it as any unknown argument
             raise TypeError(options.moved_message(type(self).__name__, key, kwargs[key],
                                                   self._router_argument))
         if "router" in kwargs and self._router_argument != "router":

@@ -93,8 +93,8 @@ def moved_message(layer_name, option, value, router="router"):
         also = " (every router takes it)"
     elif others:
         also = f" (also read by the {', '.join(others)} routers)"
-    return (f"{layer_name}({option}=...) is a router option since 0.2: pass it to the router, "
-            f"e.g. {layer_name}({router}=tf_moe.{cls}({argument}={value!r})){also}.")
+    return (f"{layer_name}({option}=...) is a router option since 0.2: pass it to the router you "
+            f"use, e.g. {layer_name}({router}=tf_moe.{cls}({argument}={value!r})){also}.")
 
 
 # Mesh-TF's `moe_*` hyperparameters: key -> (Mesh-TF's default, where it goes, tf_moe's
