@@ -15,8 +15,8 @@ import keras
 import numpy as np
 import pytest
 
-import numpy_reference as ref
 import tf_moe
+from test_layers import _numpy_moe  # the layer recomputed with the NumPy references
 from tf_moe import options
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
@@ -120,33 +120,6 @@ def test_each_gating_builds_its_router_and_the_same_layer_as_by_hand(gating):
                                       by_hand(x, training=training).numpy())
 
 
-def _numpy_forward(layer, x, router, training):
-    """A MoELayer's outputs and balance loss recomputed with the NumPy references."""
-    m = x.shape[-1]
-    tokens = x.reshape(-1, m).astype(np.float64)
-    n = tokens.shape[0]
-    g = -(-n // layer.group_size)
-    s = -(-n // g)
-    tokens = np.concatenate([tokens, np.zeros((g * s - n, m))])
-    importance = np.concatenate([np.ones(n), np.zeros(g * s - n)]).reshape(g, s)
-    factor = (layer.router.capacity_factor_train if training
-              else layer.router.capacity_factor_eval)
-    c = min(s, max(int(s * factor / layer.num_experts), layer.router.min_expert_capacity))
-    logits = tokens.reshape(g, s, m) @ layer.router.kernel.numpy().astype(np.float64)
-    if router == "top_2":
-        _, combine, aux = ref.top_2(logits, c, importance, second_policy="all")
-    elif router == "switch":
-        _, combine, aux = ref.switch(logits, c, importance)
-    else:
-        _, combine, aux = ref.expert_selection(logits, c, importance)
-    wi = layer.experts.wi[0].numpy().astype(np.float64)
-    wo = layer.experts.wo.numpy().astype(np.float64)
-    hidden = np.maximum(np.einsum("gsm,emh->gseh", tokens.reshape(g, s, m), wi), 0.0)
-    per_expert = np.einsum("gseh,ehn->gsen", hidden, wo)
-    out = np.einsum("gsec,gsen->gsn", combine, per_expert)
-    return out.reshape(g * s, -1)[:n].reshape(x.shape[:-1] + (-1,)), aux
-
-
 @pytest.mark.parametrize("gating", ["top_2", "switch", "expert_selection"])
 @pytest.mark.parametrize("training", [False, True])
 def test_from_mesh_tf_layer_computes_as_mesh_tf(gating, training):
@@ -159,7 +132,7 @@ def test_from_mesh_tf_layer_computes_as_mesh_tf(gating, training):
     layer = tf_moe.MoELayer.from_mesh_tf(hparams)
     x = np.random.default_rng(3).normal(size=(5, 11, 6)).astype("float32")
     outputs = layer(x, training=training).numpy()
-    expected, aux = _numpy_forward(layer, x, gating, training)
+    expected, aux, _ = _numpy_moe(layer, x, gating, training)
     np.testing.assert_allclose(outputs, expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(float(layer.losses[0]), 1e-2 * aux, rtol=1e-5, atol=1e-8)
 

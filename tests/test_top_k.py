@@ -397,7 +397,7 @@ def test_gradients_are_finite_under_xla_with_padding(score):
         return tape.gradient(loss, [x] + layer.trainable_weights)
 
     for gradient in gradients(x):
-        assert np.isfinite(gradient.numpy()).all()
+        assert np.isfinite(tf.convert_to_tensor(gradient).numpy()).all()
 
 
 def _loss_and_gradients(layer, x, mask, training):

@@ -320,8 +320,20 @@ class Router(keras.layers.Layer):
         return config
 
 
+class _KExperts:
+    """For routers whose tokens use up to `self.k` experts: at least `k` of them needed."""
+
+    @property
+    def max_choices(self):
+        return self.k
+
+    @property
+    def min_experts(self):
+        return self.k
+
+
 @keras.saving.register_keras_serializable(package="tf_moe")
-class TopNRouter(Router):
+class TopNRouter(_KExperts, Router):
     """Top-n router (Mesh-TF `_top_n_gating`): each token uses up to `k` experts.
 
     Args:
@@ -377,14 +389,6 @@ class TopNRouter(Router):
         self.second_threshold_train = second_threshold_train
         self.second_threshold_eval = second_threshold_eval
         self.use_second_place_loss = bool(use_second_place_loss)
-
-    @property
-    def max_choices(self):
-        return self.k
-
-    @property
-    def min_experts(self):
-        return self.k
 
     @property
     def n(self):
@@ -739,7 +743,7 @@ class ExpertSelectionRouter(_InputPolicyRouter):
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
-class NoisyTopKRouter(Router):
+class NoisyTopKRouter(_KExperts, Router):
     """Noisy top-k router of Shazeer et al. 2017.
 
     Owns a gate kernel `[m, e]` and a noise kernel `[m, e]` (both wider with a
@@ -780,14 +784,6 @@ class NoisyTopKRouter(Router):
         self.noise_epsilon = noise_epsilon
         self.noisy_gating = bool(noisy_gating)
 
-    @property
-    def max_choices(self):
-        return self.k
-
-    @property
-    def min_experts(self):
-        return self.k
-
     def build(self, inputs_shape, token_embeddings_shape=None):
         super().build(inputs_shape, token_embeddings_shape)
         self.noise_kernel = self.add_weight(
@@ -809,7 +805,7 @@ class NoisyTopKRouter(Router):
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
-class TopKRouter(Router):
+class TopKRouter(_KExperts, Router):
     """Token-choice top-k router of today's MoE models (Megatron-Core, Mixtral, DeepSeek-V3).
 
     Each token picks its `k` best experts; the options cover Mixtral's and
@@ -915,14 +911,6 @@ class TopKRouter(Router):
                 "keep their slots) or capacity_factor=None (nothing dropped); with "
                 "drop_policy='probs' a later token's higher gate takes an earlier one's slot.")
         self.metric_names = ("expert_bias_spread",) if self.use_expert_bias else ()
-
-    @property
-    def max_choices(self):
-        return self.k
-
-    @property
-    def min_experts(self):
-        return self.k
 
     @property
     def uses_positions(self):
