@@ -35,23 +35,28 @@ MODEL_DIM, LENGTH, PER_REPLICA = 8, 16, 2  # per replica: 2 sequences of 16 toke
 
 # Deterministic routing in training (no random second choice, no jitter), a
 # capacity small enough to drop tokens; groups of 8 tokens unless said (see _layer).
+# Each call makes fresh routers: a router object belongs to one layer.
+_ALL = dict(second_policy_train="all", second_policy_eval="all")
 LAYERS = {
     "top_2": lambda ep, **kw: tf_moe.MoELayer(
-        num_experts=4, expert_hidden_dim=16, capacity_factor_train=1.0,
-        min_expert_capacity=2, second_policy_train="all", second_policy_eval="all",
+        num_experts=4, expert_hidden_dim=16,
+        router=tf_moe.Top2Router(capacity_factor_train=1.0, min_expert_capacity=2, **_ALL),
         z_loss_coef=1e-1, seed=1,
         expert_parallel=ep, **kw),
     "switch": lambda ep, **kw: tf_moe.MoELayer(
-        num_experts=8, expert_hidden_dim=16, router="switch",
-        capacity_factor_train=1.0, min_expert_capacity=1, switch_policy_train="argmax",
+        num_experts=8, expert_hidden_dim=16,
+        router=tf_moe.SwitchRouter(capacity_factor_train=1.0, min_expert_capacity=1,
+                                   policy_train="argmax"),
         seed=2, expert_parallel=ep, **kw),
     "expert_selection": lambda ep, **kw: tf_moe.MoELayer(
-        num_experts=4, expert_hidden_dim=16, router="expert_selection",
-        switch_policy_train="argmax", min_expert_capacity=2, seed=3, expert_parallel=ep, **kw),
+        num_experts=4, expert_hidden_dim=16,
+        router=tf_moe.ExpertSelectionRouter(policy_train="argmax", min_expert_capacity=2),
+        seed=3, expert_parallel=ep, **kw),
     "hierarchical": lambda ep, **kw: tf_moe.HierarchicalMoELayer(
-        num_experts=(2, 4), expert_hidden_dim=16, second_policy_train="all",
-        second_policy_eval="all",
-        min_expert_capacity=2, z_loss_coef=1e-1, seed=4, expert_parallel=ep, **kw),
+        num_experts=(2, 4), expert_hidden_dim=16,
+        outer_router=tf_moe.Top2Router(min_expert_capacity=2, **_ALL),
+        inner_router=tf_moe.InnerTop2Router(2, min_expert_capacity=2, **_ALL),
+        z_loss_coef=1e-1, seed=4, expert_parallel=ep, **kw),
 }
 
 
