@@ -82,9 +82,10 @@ def make_router(router, num_experts, *, seed, name, owner, defaults=None, accept
     names = accepted or routers.ROUTERS
     if isinstance(router, str):
         if router not in names:
+            layers = " or ".join(cls.__name__ for cls in names.values()) if accepted else "Router"
             raise ValueError(
                 f"Unknown router {router!r} for {owner}; accepted: "
-                f"{', '.join(map(repr, names))} or a tf_moe Router layer.")
+                f"{', '.join(map(repr, names))} or a tf_moe {layers} layer.")
         return names[router](num_experts, seed=seed, name=name, **(defaults or {}))
     allowed = tuple(names.values()) if accepted else Router
     if not isinstance(router, allowed):
