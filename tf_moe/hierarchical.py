@@ -272,7 +272,6 @@ class HierarchicalMoELayer(MoEBase):
     [32, 24]
     """
 
-
     _uid_prefix = "hierarchical_moe"
     _router_argument = "outer_router"
 
@@ -316,6 +315,13 @@ class HierarchicalMoELayer(MoEBase):
             dropout_rate=expert_dropout_rate, seed=_offset_seed(seed, 1),
             dropout_seed=_offset_seed(seed, 2), dtype=self.dtype_policy,
             name=f"{self.name}_experts")
+        self.outer_router, self.inner_router = self._make_routers(outer_router, inner_router,
+                                                                  seed)
+        self._make_metrics()
+
+    def _make_routers(self, outer_router, inner_router, seed):
+        """`(outer Top2Router [m, x], InnerTop2Router [x, m, y])` from the arguments, checked."""
+        x, y = self.num_experts
         if not isinstance(outer_router, str) and (
                 not isinstance(outer_router, Top2Router) or isinstance(outer_router,
                                                                        InnerTop2Router)):
@@ -327,7 +333,7 @@ class HierarchicalMoELayer(MoEBase):
                 "HierarchicalMoELayer(inner_router=...) takes 'top_2', a tf_moe.InnerTop2Router "
                 "or a tf_moe.Top2Router (both levels route top-2, as Mesh-TF's), got "
                 f"{type(inner_router).__name__}.")
-        self.outer_router = make_router(
+        outer = make_router(
             outer_router, x, seed=seed, name=f"{self.name}_outer_router",
             owner="HierarchicalMoELayer(outer_router=...)", accepted={"top_2": Top2Router})
         if isinstance(inner_router, str):
@@ -338,18 +344,18 @@ class HierarchicalMoELayer(MoEBase):
                                                                      InnerTop2Router):
             inner_router = InnerTop2Router.from_top_2(inner_router, x,
                                                       name=f"{self.name}_inner_router")
-        self.inner_router = make_router(
+        inner = make_router(
             inner_router, y, seed=_offset_seed(seed, 1), name=None,
             owner="HierarchicalMoELayer(inner_router=...)", accepted={"top_2": InnerTop2Router})
-        if self.outer_router.causal:
+        if outer.causal:
             raise ValueError(
                 "HierarchicalMoELayer cannot route causally: its inner level groups the outer "
                 "buffers, whose order is not the tokens'. Give outer_router causal=False.")
-        if self.inner_router.num_outer_experts != x:
+        if inner.num_outer_experts != x:
             raise ValueError(
-                f"inner_router has num_outer_experts={self.inner_router.num_outer_experts} "
+                f"inner_router has num_outer_experts={inner.num_outer_experts} "
                 f"but the layer has x={x} expert groups.")
-        self._make_metrics()
+        return outer, inner
 
     def _metric_keys(self):
         keys = [f"{level}_{key}" for key in METRICS for level in ("outer", "inner")
