@@ -7,7 +7,8 @@ and each cluster has its own labelling rule (a small random teacher network).
 A dense feed-forward block with the same active FLOPs per token as the MoE has
 to share its units among all the rules; the MoE can give each cluster its own
 experts. The demo prints the held-out accuracy of both, the router's health
-(load per expert, dropped tokens) and which expert each cluster went to.
+in training by the README's thresholds (`router_health`), its load per expert
+on held-out tokens and which expert each cluster went to.
 """
 
 import argparse
@@ -54,8 +55,32 @@ def make_task(*, length=16, model_dim=16, num_clusters=8, num_classes=5,
     return sample
 
 
-def build_models(model_dim, num_classes, num_experts, expert_hidden_dim, router, seed):
-    """The MoE model and a dense model with the same active FLOPs per token."""
+# The README's "healthy" thresholds for the training metrics at the end of a run.
+HEALTHY_Z_LOSS_GROWTH = 1.5  # the last epoch's z-loss over the first epoch's, at most
+HEALTHY_DROPPED = 0.05  # share of the tokens that reached no expert, at most
+HEALTHY_MAX_LOAD = 2.0  # the busiest expert's share of the choices over the mean, at most
+ST_MOE_Z_LOSS_COEF = 0.1  # ST-MoE's absolute 1e-3 at the default loss_coef=1e-2
+
+
+def build_models(model_dim, num_classes, num_experts, expert_hidden_dim, router, seed,
+                 z_loss_coef=ST_MOE_Z_LOSS_COEF):
+    """The MoE model and a dense model with the same active FLOPs per token.
+
+    Args:
+        model_dim: token width `m`.
+        num_classes: labels per token.
+        num_experts: `e`.
+        expert_hidden_dim: `h` of each expert; the dense model's hidden layer
+            is as wide as the experts a token uses.
+        router: a router name or object for the `MoELayer`.
+        seed: the layer's seed.
+        z_loss_coef: the layer's z-loss weight relative to the balance loss:
+            0.1 (ST-MoE's 1e-3 at `loss_coef=1e-2`) keeps the z-loss flat
+            here; None trains without it.
+
+    Returns:
+        `(moe_model, dense_model, choices)`, `choices` the experts a token uses.
+    """
     import keras
 
     import tf_moe
@@ -64,7 +89,8 @@ def build_models(model_dim, num_classes, num_experts, expert_hidden_dim, router,
     moe = keras.Sequential([
         keras.Input((None, model_dim)),
         tf_moe.MoELayer(num_experts=num_experts, expert_hidden_dim=expert_hidden_dim,
-                        router=router, group_size=1024, seed=seed, name="moe"),
+                        router=router, group_size=1024, z_loss_coef=z_loss_coef, seed=seed,
+                        name="moe"),
         keras.layers.Dense(num_classes),
     ], name="moe_model")
     dense = keras.Sequential([
@@ -76,6 +102,50 @@ def build_models(model_dim, num_classes, num_experts, expert_hidden_dim, router,
     return moe, dense, choices
 
 
+def router_health(history, layer="moe"):
+    """The router's training metrics at the end of a `fit`, judged by the README's table.
+
+    Unhealthy: a z-loss whose last epoch is above 1.5x its first, `dropped`
+    above 5% or `max_load` above 2 in the last epoch. The hierarchical
+    layer's levels (`outer_`, `inner_`) are judged each; a z-loss is judged
+    only where it is logged.
+
+    Args:
+        history: a `keras.callbacks.History` (what `fit` returns) or its
+            `.history` dict.
+        layer: the MoE layer's name (the metrics' prefix).
+
+    Returns:
+        `(text, healthy)`: one line of numbers with a verdict, and a bool.
+    """
+    logs = getattr(history, "history", history)
+    parts, healthy = [], True
+    for level in ("", "outer_", "inner_"):
+        key = f"{layer}_{level}"
+        if f"{key}z_loss" in logs:
+            z = logs[f"{key}z_loss"]
+            ok = z[-1] <= HEALTHY_Z_LOSS_GROWTH * z[0]
+            healthy &= ok
+            parts.append(f"{level}z-loss {z[0]:.2f} -> {z[-1]:.2f} ({z[-1] / z[0]:.2f}x"
+                         f"{'' if ok else ', above 1.5x'})")
+        if f"{key}dropped" in logs:
+            dropped = logs[f"{key}dropped"][-1]
+            ok = dropped <= HEALTHY_DROPPED
+            healthy &= ok
+            parts.append(f"{level}dropped {dropped:.1%}{'' if ok else ' (above 5%)'}")
+        if f"{key}dropped_choices" in logs:
+            parts.append(f"{level}dropped choices {logs[f'{key}dropped_choices'][-1]:.1%}")
+        if f"{key}max_load" in logs:
+            load = logs[f"{key}max_load"][-1]
+            ok = load <= HEALTHY_MAX_LOAD
+            healthy &= ok
+            parts.append(f"{level}max_load {load:.2f}{'' if ok else ' (above 2)'}")
+    if not parts:
+        raise ValueError(f"no router metrics of a layer named {layer!r} in {sorted(logs)}")
+    verdict = "healthy" if healthy else "UNHEALTHY by the README's table"
+    return f"{layer}: " + ", ".join(parts) + f": {verdict}", healthy
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--router", default="top_2",
@@ -85,6 +155,8 @@ def main(argv=None):
     parser.add_argument("--train", type=int, default=8000, help="training sequences")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--z-loss-coef", type=float, default=ST_MOE_Z_LOSS_COEF,
+                        help="z-loss weight relative to the balance loss (0: no z-loss)")
     args = parser.parse_args(argv)
 
     import keras
@@ -98,15 +170,17 @@ def main(argv=None):
     x_test, y_test, cluster_test = sample(1000, args.seed + 2)
 
     moe, dense, choices = build_models(model_dim, num_classes, args.experts, args.hidden,
-                                       args.router, args.seed)
+                                       args.router, args.seed, args.z_loss_coef or None)
     results = {}
     for model in (moe, dense):
         model.compile(keras.optimizers.Adam(3e-3),
                       keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"])
         print(f"\n== Training {model.name} ({model.count_params():,} parameters)")
-        model.fit(x_train, y_train, batch_size=64, epochs=args.epochs,
-                  validation_split=0.1, verbose=2)
+        history = model.fit(x_train, y_train, batch_size=64, epochs=args.epochs,
+                            validation_split=0.1, verbose=2)
+        if model is moe:
+            health = router_health(history, "moe")[0]
         results[model.name] = model.evaluate(x_test, y_test, verbose=0, return_dict=True)
 
     h, m = args.hidden, model_dim
@@ -119,6 +193,10 @@ def main(argv=None):
         print(f"{name:<12}{results[name]['accuracy']:>10.3f}{model.count_params():>10,}"
               f"{flops:>13,}")
     print("(FLOPs/token: expert matmuls of the experts a token uses, plus the router)")
+
+    print(f"\n== Router ({args.router}) in training: z-loss first -> last epoch, the rest "
+          "at the last")
+    print(health)
 
     layer = moe.get_layer("moe")
     routed = layer.route(tf.constant(x_test), training=False)
