@@ -56,7 +56,7 @@ def results():
     out = {}
     try:
         for devices, process in processes.items():
-            stdout, stderr = process.communicate(timeout=240)
+            stdout, stderr = process.communicate(timeout=600)
             assert process.returncode == 0, stderr[-3000:]
             out[devices] = _parse(stdout)
     finally:
