@@ -371,9 +371,9 @@ class BlockPlan:
     Example:
     >>> r = tf_moe.routing.top_k_gating(tf.random.normal([2, 64, 8]), 64, k=2)
     >>> plan = BlockPlan(r, max_choices=2)
-    >>> blocks = plan.dispatch(tf.ones([2, 64, 16]))  # [blocks, B, m]
+    >>> blocks = plan.dispatch(tf.ones([2, 64, 16]))  # [blocks, B, m]: 256 / 8 + 8 blocks of 8
     >>> blocks.shape, plan.block_expert.shape, plan.combine(blocks).shape
-    (TensorShape([16, 32, 16]), TensorShape([16]), TensorShape([2, 64, 16]))
+    (TensorShape([40, 8, 16]), TensorShape([40]), TensorShape([2, 64, 16]))
     """
 
     def __init__(self, result, max_choices, rows=None):
