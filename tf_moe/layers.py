@@ -583,9 +583,11 @@ class MoELayer(MoEBase):
         A `DispatchPlan` (`[e, g, c, m]` buffers), or, for a router with no
         capacity under XLA, a `BlockPlan` whose static bound is about the real
         `k * g * s` rows rather than `e * s` per group: with the default
-        `FeedForwardExperts`, gather dispatch and no expert parallelism.
+        `FeedForwardExperts`, gather dispatch, no expert parallelism and a token
+        count known when the function is traced (`fit(jit_compile=True)` traces
+        with an unknown batch size and keeps the `e * s` bound).
         """
-        if dropless and self._blocks_apply():
+        if dropless and None not in tokens.shape[:2] and self._blocks_apply():
             plan = dispatch_module.BlockPlan(result, self.router.max_choices)
             return plan.combine(self.experts.call_blocks(  # [blocks, B, m] -> [blocks, B, n]
                 plan.dispatch(tokens), plan.block_expert, training=training))
