@@ -83,7 +83,7 @@ def test_mesh_tf_queue_is_not_causal(training):
     assert max(changes) > 1e-3
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 1000), batch=st.integers(1, 4), length=st.integers(2, 12),
        group_size=st.integers(1, 40), k=st.integers(2, 3), training=st.booleans())
 def test_causal_top_n_property(seed, batch, length, group_size, k, training):

@@ -63,7 +63,7 @@ OPTIONS = [
                                                                     o.items()))
 @pytest.mark.parametrize("factor", [None, 1.0, 0.5])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(2))
 def test_top_k_gating_matches_numpy_reference(options, factor, bias, seed):
     grouped = "num_expert_groups" not in options  # ties only where groups cannot tie
     logits, importance = _case(seed, ties=grouped and seed == 0)
@@ -111,7 +111,7 @@ def test_softmax_normalized_gates_are_the_softmax_over_the_chosen_logits():
         np.testing.assert_allclose(gates[g, t, picks], z / z.sum(), rtol=1e-5)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), k=st.integers(1, 4), experts=st.sampled_from([4, 6, 8]),
        size=st.integers(1, 20), factor=st.sampled_from([None, 0.25, 1.0, 2.0]),
        score=st.sampled_from(["softmax", "sigmoid"]), scale=st.sampled_from([None, 2.5]),
