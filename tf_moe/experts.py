@@ -201,19 +201,8 @@ class FeedForwardExperts(keras.layers.Layer):
         # (distribute.run_experts) a replica runs its e/r local experts.
         experts = tf.reduce_prod(shape[:k])
         x = tf.reshape(inputs, [experts, -1, shape[-1]])  # [e, t, m]
-        hidden = None
-        for index, (wi, activation) in enumerate(zip(self.wi, self._activations)):
-            h = expert_matmul(x, _flat_experts(wi, k))  # "etm,emh->eth"
-            if self.use_bias:
-                h += _flat_bias(self.bi[index])
-            h = activation(h)
-            hidden = h if hidden is None else hidden * h
-        if training and self.dropout_rate > 0:
-            hidden = seeding.dropout(hidden, self.dropout_rate,
-                                     seeding.next_seed(self.seed_base, self.seed_step))
-        y = expert_matmul(hidden, _flat_experts(self.wo, k))  # "eth,ehn->etn"
-        if self.use_bias:
-            y += _flat_bias(self.bo)
+        y = self._feed_forward(  # "etm,emh->eth", "eth,ehn->etn"
+            x, lambda t, w: expert_matmul(t, _flat_experts(w, k)), _flat_bias, training)
         return tf.reshape(y, tf.concat([shape[:-1], tf.shape(y)[-1:]], axis=0))
 
     def call_blocks(self, blocks, block_expert, training=None):
@@ -224,19 +213,31 @@ class FeedForwardExperts(keras.layers.Layer):
         gathered (their gradients are summed back per expert). One expert
         axis only.
         """
+        def of_block(weight):  # [e, ...] -> [b, ...]: each block's expert's
+            return tf.gather(tf.convert_to_tensor(weight), block_expert)
+
+        return self._feed_forward(blocks, lambda t, w: tf.matmul(t, of_block(w)),
+                                  lambda bias: of_block(bias)[:, None], training)
+
+    def _feed_forward(self, x, matmul, bias, training):
+        """`act(x wi + bi) wo + bo` (GLU: the product over the `wi_k`), dropout on the hidden layer.
+
+        `matmul(x, weight)` and `bias(weight)` read each expert's weights as the
+        caller lays out its rows: by expert (`call`) or by block (`call_blocks`).
+        """
         hidden = None
         for index, (wi, activation) in enumerate(zip(self.wi, self._activations)):
-            h = tf.matmul(blocks, tf.gather(tf.convert_to_tensor(wi), block_expert))
+            h = matmul(x, wi)
             if self.use_bias:
-                h += tf.gather(tf.convert_to_tensor(self.bi[index]), block_expert)[:, None]
+                h += bias(self.bi[index])
             h = activation(h)
             hidden = h if hidden is None else hidden * h
         if training and self.dropout_rate > 0:
             hidden = seeding.dropout(hidden, self.dropout_rate,
                                      seeding.next_seed(self.seed_base, self.seed_step))
-        y = tf.matmul(hidden, tf.gather(tf.convert_to_tensor(self.wo), block_expert))
+        y = matmul(hidden, self.wo)
         if self.use_bias:
-            y += tf.gather(tf.convert_to_tensor(self.bo), block_expert)[:, None]
+            y += bias(self.bo)
         return y
 
     def load_own_variables(self, store):
