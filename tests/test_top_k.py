@@ -433,7 +433,7 @@ def test_dropless_blocks_under_xla_equal_the_eager_path(router, training):
     seen = {}
 
     def compiled(x):
-        seen["blocks"] = layer._blocks_apply()
+        seen["blocks"] = layer._blocks_apply(x[None])  # x [b, l, m]: static, as the groups
         return _loss_and_gradients(layer, x, mask, training)
 
     xla = tf.function(compiled, jit_compile=True)(x)

@@ -587,7 +587,7 @@ class MoELayer(MoEBase):
         count known when the function is traced (`fit(jit_compile=True)` traces
         with an unknown batch size and keeps the `e * s` bound).
         """
-        if dropless and None not in tokens.shape[:2] and self._blocks_apply():
+        if dropless and self._blocks_apply(tokens):
             plan = dispatch_module.BlockPlan(result, self.router.max_choices)
             return plan.combine(self.experts.call_blocks(  # [blocks, B, m] -> [blocks, B, n]
                 plan.dispatch(tokens), plan.block_expert, training=training))
@@ -598,8 +598,9 @@ class MoELayer(MoEBase):
             expert_parallel=self.expert_parallel, layer_name=self.name)
         return plan.combine(expert_outputs)
 
-    def _blocks_apply(self):
-        return (dispatch_module.in_xla_context() and not self.expert_parallel
+    def _blocks_apply(self, tokens):
+        return (dispatch_module.in_xla_context() and None not in tokens.shape[:2]
+                and not self.expert_parallel
                 and isinstance(self.experts, FeedForwardExperts)
                 and len(self.experts.expert_shape) == 1
                 and dispatch_module.resolve(self.dispatch) == "gather"
