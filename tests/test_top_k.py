@@ -444,6 +444,32 @@ def test_dropless_blocks_under_xla_equal_the_eager_path(router, training):
                                    tf.convert_to_tensor(b).numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_dropless_blocks_under_xla_with_a_batch_size_unknown_when_traced():
+    """`fit(jit_compile=True)` traces with an unknown batch: the blocks still apply, exactly."""
+    layer = tf_moe.MoELayer(64, expert_hidden_dim=16, seed=1, group_size=64,
+                            router=tf_moe.TopKRouter(k=8, num_expert_groups=8,
+                                                     expert_groups_per_token=4),
+                            activation=["silu", "linear"])
+    rng = np.random.default_rng(3)
+    x = tf.constant(rng.normal(size=(5, 30, 12)).astype("float32"))  # 150 tokens: 3 groups of 50
+    mask = tf.constant(rng.random((5, 30)) > 0.25)
+    layer(x)
+    eager = _loss_and_gradients(layer, x, mask, True)
+    seen = {}
+
+    @tf.function(jit_compile=True, input_signature=[tf.TensorSpec([None, 30, 12])])
+    def compiled(x):
+        seen["blocks"] = layer._blocks_apply(x)
+        return _loss_and_gradients(layer, x, mask, True)
+
+    xla = compiled(x)
+    assert seen["blocks"]
+    np.testing.assert_allclose(xla[0].numpy(), eager[0].numpy(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(xla[1], eager[1]):
+        np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(),
+                                   tf.convert_to_tensor(b).numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_block_plan_bound_and_layout():
     from tf_moe import dispatch  # noqa: PLC0415
 

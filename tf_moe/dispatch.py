@@ -339,17 +339,19 @@ def block_rows(num_choices, num_experts):
 
     Padding each expert to whole blocks wastes at most `e * (B - 1)` rows, a
     quarter of the real ones at most; larger blocks mean fewer weight reads.
-    Between 8 and 512.
+    Between 8 and 512. With a tensor `num_choices` (a token count known only
+    when XLA compiles) the same value as a scalar int32 tensor, written with
+    comparisons that XLA folds to a constant.
 
     Example:
     >>> block_rows(2 * 4096, 8)  # k=2 of 8 experts, 4,096 tokens: 1,024 per expert
     256
     """
-    mean = num_choices / num_experts
-    rows = 8
-    while rows * 2 <= min(mean / 4, 512):
-        rows *= 2
-    return rows
+    candidates = [8 * 2 ** i for i in range(7)]  # 8 ... 512
+    if not tf.is_tensor(num_choices):
+        return max([8] + [rows for rows in candidates if 4 * rows * num_experts <= num_choices])
+    fits = 4 * tf.constant(candidates) * num_experts <= num_choices
+    return tf.reduce_max(tf.where(fits, candidates, 8))
 
 
 class BlockPlan:
@@ -359,7 +361,8 @@ class BlockPlan:
     `s` slots per group (`e * s` rows for `k * s` choices). Here instead
     (MegaBlocks' layout) the chosen (token, expert) pairs of the whole call
     are sorted by expert and each expert's run is padded to whole blocks of
-    `B` rows: at most `ceil(k * g * s / B) + e` blocks, a static bound. Each
+    `B` rows: at most `ceil(k * g * s / B) + e` blocks, a bound XLA knows when
+    it compiles (from the shapes, even when `fit` traces with an unknown batch). Each
     block belongs to one expert (`block_expert`), so the experts run as one
     batched matmul over the blocks with each block's weights gathered.
 
@@ -381,8 +384,11 @@ class BlockPlan:
         groups, size, num_experts = _shape(slots)
         num_tokens = groups * size
         chosen = tf.cast(tf.reshape(slots >= 0, [num_tokens, num_experts]), tf.int32)  # [N, e]
+        # Python ints when the token count is static, else scalar tensors that XLA
+        # folds to constants when it compiles for the actual shapes (`fit` traces
+        # with an unknown batch size).
         self.rows = rows or block_rows(max_choices * num_tokens, num_experts)
-        self.num_blocks = -(-max_choices * num_tokens // self.rows) + num_experts
+        self.num_blocks = (max_choices * num_tokens + self.rows - 1) // self.rows + num_experts
         blocks = (tf.reduce_sum(chosen, axis=0) + self.rows - 1) // self.rows  # [e]
         block_end = tf.cumsum(blocks)
         first_row = (block_end - blocks) * self.rows  # [e]

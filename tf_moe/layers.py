@@ -583,9 +583,9 @@ class MoELayer(MoEBase):
         A `DispatchPlan` (`[e, g, c, m]` buffers), or, for a router with no
         capacity under XLA, a `BlockPlan` whose static bound is about the real
         `k * g * s` rows rather than `e * s` per group: with the default
-        `FeedForwardExperts`, gather dispatch, no expert parallelism and a token
-        count known when the function is traced (`fit(jit_compile=True)` traces
-        with an unknown batch size and keeps the `e * s` bound).
+        `FeedForwardExperts`, gather dispatch and no expert parallelism. The
+        token count may be unknown when the function is traced (`fit` traces
+        with an unknown batch size): XLA compiles for the actual one.
         """
         if dropless and self._blocks_apply(tokens):
             plan = dispatch_module.BlockPlan(result, self.router.max_choices)
@@ -599,8 +599,7 @@ class MoELayer(MoEBase):
         return plan.combine(expert_outputs)
 
     def _blocks_apply(self, tokens):
-        return (dispatch_module.in_xla_context() and None not in tokens.shape[:2]
-                and not self.expert_parallel
+        return (dispatch_module.in_xla_context() and not self.expert_parallel
                 and isinstance(self.experts, FeedForwardExperts)
                 and len(self.experts.expert_shape) == 1
                 and dispatch_module.resolve(self.dispatch) == "gather"
