@@ -6,6 +6,8 @@ a new way to do its job.
 """
 
 import inspect
+import os
+import tempfile
 
 import keras
 import numpy as np
@@ -115,6 +117,62 @@ def test_functional_graph_internals():
     assert any(node in nodes for node in _compat.inbound_nodes(dense))
     assert _compat.functional_inputs(model) is inputs or _compat.functional_inputs(
         model) == inputs
+
+
+def test_all_reduce_gradients_except_leaves_the_chosen_gradients_alone():
+    """Keras' optimizer sums its gradients in `_all_reduce_sum_gradients(grads_and_vars)`."""
+    optimizer = keras.optimizers.SGD(0.1)
+    a, b, c = (tf.Variable(float(i)) for i in range(3))
+    grads = [tf.constant(1.0), tf.constant(2.0), tf.constant(3.0)]
+    pairs = list(zip(grads, [a, b, c]))
+    assert len(optimizer._all_reduce_sum_gradients(pairs)) == 3
+    _compat.all_reduce_gradients_except(optimizer, lambda v: v is b)
+    seen = []
+    reduce = type(optimizer)._all_reduce_sum_gradients
+
+    def spy(self, grads_and_vars):
+        seen.append([v for _, v in grads_and_vars])
+        return reduce(self, grads_and_vars)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(optimizer), "_all_reduce_sum_gradients", spy)
+        optimizer = keras.optimizers.SGD(0.1)
+        _compat.all_reduce_gradients_except(optimizer, lambda v: v is b)
+        out = optimizer._all_reduce_sum_gradients(pairs)
+    assert seen == [[a, c]]  # b's gradient was not reduced
+    assert [v for _, v in out] == [a, b, c] and out[1][0] is grads[1]
+    # And the optimizer's update path goes through it: a step still trains.
+    optimizer.apply_gradients(pairs)
+    assert [float(v) for v in (a, b, c)] == pytest.approx([-0.1, 0.8, 1.7])
+
+
+def test_on_variable_from_reference_sees_each_slot():
+    optimizer = keras.optimizers.Adam()
+    seen = []
+    _compat.on_variable_from_reference(optimizer, lambda slot, ref: seen.append((slot, ref)))
+    weight = keras.Variable(np.ones((2, 3), "float32"))
+    optimizer.build([weight])
+    assert len(seen) == 2 and all(ref is weight for _, ref in seen)  # Adam's two moments
+    assert {slot.path for slot, _ in seen} == {v.path for v in optimizer.variables
+                                               if tuple(v.shape) == (2, 3)}
+
+
+def test_full_value_checkpoint_is_what_tf_train_checkpoint_saves():
+    class Doubled(_compat.FullValueCheckpoint, keras.Variable):
+        def checkpoint_value(self):
+            return 2.0 * tf.convert_to_tensor(self.value)
+
+        def restore_checkpoint_value(self, value):
+            self.assign(value + 1.0)
+
+    saved = Doubled(np.array([1.0, 2.0], "float32"))
+    path = tf.train.Checkpoint(v=saved).write(os.path.join(tempfile.mkdtemp(), "ckpt"))
+    plain = tf.Variable([0.0, 0.0])
+    tf.train.Checkpoint(v=plain).read(path).assert_existing_objects_matched()
+    assert plain.numpy().tolist() == [2.0, 4.0]
+    restored = Doubled(np.zeros(2, "float32"))
+    tf.train.Checkpoint(v=restored).read(path).assert_existing_objects_matched()
+    assert restored.numpy().tolist() == [3.0, 5.0]
 
 
 @pytest.mark.parametrize("name", _compat.__all__)

@@ -18,7 +18,9 @@ from tensorflow.python.ops import collective_ops, control_flow_util
 from tensorflow.python.tpu.ops import tpu_ops
 
 __all__ = [
+    "FullValueCheckpoint",
     "ThreadLocalLosses",
+    "all_reduce_gradients_except",
     "collective_all_to_all",
     "collective_keys",
     "functional_inputs",
@@ -28,6 +30,7 @@ __all__ = [
     "in_xla_context",
     "inbound_nodes",
     "nodes_of",
+    "on_variable_from_reference",
     "tpu_all_to_all",
     "tpu_devices",
 ]
@@ -110,3 +113,60 @@ class ThreadLocalLosses:
         super()._clear_losses()
         self._thread_losses().clear()
 
+
+
+class FullValueCheckpoint:
+    """`tf.train.Checkpoint` saves and restores a variable through two methods of its own.
+
+    A mixin for a Keras variable: `checkpoint_value()` gives the tensor to
+    save and `restore_checkpoint_value(tensor)` restores it. TensorFlow's
+    checkpoints read a trackable object through the private protocol
+    `_serialize_to_tensors` / `_restore_from_tensors` (Keras' own variables
+    implement it by delegating to their `tf.Variable`); no public API lets an
+    object save another tensor than its value. Used for expert weights stored
+    one shard per replica, whose checkpoint holds every expert once.
+    """
+
+    def _serialize_to_tensors(self):
+        return {"VARIABLE_VALUE": self.checkpoint_value()}
+
+    def _restore_from_tensors(self, restored_tensors):
+        return self.restore_checkpoint_value(restored_tensors["VARIABLE_VALUE"])
+
+
+def all_reduce_gradients_except(optimizer, is_local):
+    """Makes `optimizer` all-reduce every gradient but those of variables with `is_local(v)`.
+
+    Keras 3's TensorFlow optimizer sums every gradient over the replicas in
+    its private `_all_reduce_sum_gradients` before `distribution.extended.update`
+    applies it to each replica's copy; there is no public option to leave a
+    variable out. A variable left out gets each replica's own gradient, which
+    `update` applies to that replica's component only. Patches this optimizer
+    object, not its class.
+    """
+    reduce = optimizer._all_reduce_sum_gradients
+
+    def all_reduce_sum_gradients(grads_and_vars):
+        pairs = list(grads_and_vars)
+        local = [is_local(variable) for _, variable in pairs]
+        reduced = iter(reduce([pair for pair, own in zip(pairs, local) if not own]))
+        return [pair if own else next(reduced) for pair, own in zip(pairs, local)]
+
+    optimizer._all_reduce_sum_gradients = all_reduce_sum_gradients
+
+
+def on_variable_from_reference(optimizer, callback):
+    """Calls `callback(slot, reference)` on each optimizer variable made from a model variable.
+
+    Keras optimizers make their slots (Adam's moments, ...) with
+    `add_variable_from_reference`, a public method; this wraps it on one
+    optimizer object so that a slot can take its reference's storage.
+    """
+    make = optimizer.add_variable_from_reference
+
+    def add_variable_from_reference(reference_variable, *args, **kwargs):
+        slot = make(reference_variable, *args, **kwargs)
+        callback(slot, reference_variable)
+        return slot
+
+    optimizer.add_variable_from_reference = add_variable_from_reference
