@@ -7,11 +7,13 @@ each run is its own process:
 
 prints one JSON line per check, `{"check": ..., "ok": ..., ...}`, with the
 numbers the test asserts on (maximum differences against the single-device
-layer). `python tests/distribute_checks.py worker OUT.npz [ep]` is one worker
+layer). `python tests/distribute_checks.py worker OUT.npz [dp|ep|sharded]` is one worker
 of the multi-worker test (it reads `TF_CONFIG`, saves its final weights to
-`OUT.npz`; `ep`: expert parallelism across the workers).
+`OUT.npz`; `ep`: expert parallelism across the workers, `sharded`: with each
+worker storing only its experts).
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -285,6 +287,140 @@ def check_data_parallel_match(strategy, name):
           per_replica_max_load=per_replica_max_load, weight_err=weight_err)
 
 
+def _sharded_model(expert_parallel):
+    """The top-2 model of `LAYERS`, its experts placed by `expert_parallel`, seeded."""
+    keras.utils.set_random_seed(0)
+    return _model(_layer("top_2", expert_parallel, name="moe"))
+
+
+def _component_bytes(variables):
+    """Bytes one device stores for `variables`: each one's first component (or itself)."""
+    total = 0
+    for variable in variables:
+        value = variable.value if hasattr(variable, "value") else variable
+        component = getattr(value, "values", (value,))[0]
+        total += int(np.prod(component.shape)) * component.dtype.size
+    return total
+
+
+def _expert_bytes(model):
+    """Per-device bytes of the expert weights and of their optimizer slots."""
+    experts = model.layers[0].experts
+    names = {v.path for v in experts.weights if "seed" not in v.path}
+    slots = [v for v in model.optimizer.variables
+             if any(name.replace("/", "_") in v.path.replace("/", "_") for name in names)]
+    weights = [v for v in experts.weights if v.path in names]
+    return _component_bytes(weights), _component_bytes(slots), len(slots)
+
+
+def check_sharded(strategy):
+    """expert_parallel="sharded": init, Adam steps and memory against the other placements.
+
+    The same seed must give the same experts on one device and on `r`
+    replicas; 3 Adam steps of `fit` on the same global batches must equal one
+    device's and the mirrored expert-parallel model's; each device must store
+    1/r of the mirrored model's expert weights and slots.
+    """
+    r = strategy.num_replicas_in_sync
+    x, y = _task(3, r * PER_REPLICA, seed=2)
+    single = _sharded_model("sharded")  # no strategy: all experts, each from its own seed
+    _compile(single, keras.optimizers.Adam(1e-2))
+    with strategy.scope():
+        sharded = _sharded_model("sharded")
+        _compile(sharded, tf_moe.distribute.shard_optimizer(keras.optimizers.Adam(1e-2)))
+        mirrored = _sharded_model(True)
+        _compile(mirrored, keras.optimizers.Adam(1e-2))
+    mirrored.set_weights(single.get_weights())
+    init_err = max(_max_diff(a, b) for a, b in zip(single.get_weights(), sharded.get_weights()))
+    kwargs = dict(batch_size=r * PER_REPLICA, epochs=1, verbose=0, shuffle=False)
+    losses = {label: model.fit(x, y, **kwargs).history["loss"][-1]
+              for label, model in (("single", single), ("sharded", sharded),
+                                   ("mirrored", mirrored))}
+    weight_err = {label: max(_max_diff(a, b) for a, b in zip(single.get_weights(),
+                                                             model.get_weights()))
+                  for label, model in (("sharded", sharded), ("mirrored", mirrored))}
+    (w_sharded, s_sharded, n_sharded), (w_mirrored, s_mirrored, n_mirrored) = (
+        _expert_bytes(sharded), _expert_bytes(mirrored))
+    errors = {}
+    with strategy.scope():
+        plain = _sharded_model("sharded")
+        _compile(plain, keras.optimizers.Adam(1e-2))  # forgot shard_optimizer
+    try:
+        plain.fit(x, y, **kwargs)
+    except ValueError as error:
+        errors["optimizer"] = str(error)
+    with strategy.scope():
+        try:
+            _model(tf_moe.MoELayer(num_experts=r + 1, expert_parallel="sharded"))
+        except ValueError as error:
+            errors["divisible"] = str(error)
+    _emit("sharded", replicas=r, init_err=init_err, weight_err=weight_err, losses=losses,
+          weight_ratio=w_sharded / w_mirrored, slot_ratio=s_sharded / s_mirrored,
+          slots=[n_sharded, n_mirrored], errors=errors,
+          full_shapes=[list(w.shape) for w in sharded.get_weights()],
+          single_shapes=[list(w.shape) for w in single.get_weights()])
+
+
+def _expert_slots(optimizer):
+    """The optimizer's slots of the expert weights (Adam's moments of `moe_experts/w*`)."""
+    return [v for v in optimizer.variables if "_experts_" in v.path]
+
+
+def _reshard_inputs():
+    return _task(1, 4 * PER_REPLICA, seed=5)[0]
+
+
+def check_sharded_save(strategy, directory):
+    """Trains a sharded model 2 steps on `r` replicas; saves it every way, and its predictions."""
+    r = strategy.num_replicas_in_sync
+    x, y = _task(2, r * PER_REPLICA, seed=4)
+    with strategy.scope():
+        model = _sharded_model("sharded")
+        optimizer = tf_moe.distribute.shard_optimizer(keras.optimizers.Adam(1e-2))
+        _compile(model, optimizer)
+    model.fit(x, y, batch_size=r * PER_REPLICA, epochs=1, verbose=0, shuffle=False)
+    base = os.path.join(directory, f"r{r}")
+    model.save(base + ".keras")
+    model.save_weights(base + ".weights.h5")
+    tf.train.Checkpoint(model=model, optimizer=optimizer).write(base + "_ckpt")
+    slots = [np.asarray(v) for v in _expert_slots(optimizer)]  # every expert: gathered
+    assert all(isinstance(v, tf_moe.distribute.ShardedVariable) for v in
+               _expert_slots(optimizer))
+    np.savez(base + "_slots.npz", *slots)
+    np.save(base + "_predictions.npy", model.predict(_reshard_inputs(), batch_size=r,
+                                                     verbose=0))
+    _emit(f"sharded_save_r{r}", replicas=r, slots=len(slots))
+
+
+def check_sharded_load(strategy, directory, source):
+    """Loads the files `check_sharded_save` wrote on `source` replicas, here (`strategy` or none)."""
+    r = strategy.num_replicas_in_sync if strategy is not None else 1
+    base = os.path.join(directory, f"r{source}")
+    expected = np.load(base + "_predictions.npy")
+    x = _reshard_inputs()
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    errors, sharded = {}, {}
+    with scope:
+        from_keras = keras.models.load_model(base + ".keras", compile=False)
+        from_weights = _sharded_model("sharded")
+        from_weights.load_weights(base + ".weights.h5")
+        from_checkpoint = _sharded_model("sharded")
+        optimizer = tf_moe.distribute.shard_optimizer(keras.optimizers.Adam(1e-2))
+        optimizer.build(from_checkpoint.trainable_variables)
+        tf.train.Checkpoint(model=from_checkpoint, optimizer=optimizer).read(
+            base + "_ckpt").assert_existing_objects_matched()
+    for label, model in (("keras", from_keras), ("weights_h5", from_weights),
+                         ("checkpoint", from_checkpoint)):
+        errors[label] = _max_diff(model.predict(x, batch_size=max(r, 1), verbose=0), expected)
+        sharded[label] = isinstance(model.layers[0].experts.wo,
+                                    tf_moe.distribute.ShardedVariable)
+    saved = np.load(base + "_slots.npz")
+    restored = [np.asarray(v) for v in _expert_slots(optimizer)]
+    slot_err = max(_max_diff(saved[f"arr_{i}"], v) for i, v in enumerate(restored))
+    _emit(f"sharded_load_r{source}_on_{r}", replicas=r, errors=errors, sharded=sharded,
+          slot_err=slot_err, slots=len(saved.files))
+
+
 def run_worker(path, expert_parallel=False):
     """One worker of the multi-worker test: fit a few steps, save the weights to `path`."""
     strategy = tf_moe.distribute.MultiWorkerMirroredStrategy()
@@ -296,9 +432,12 @@ def run_worker(path, expert_parallel=False):
     with strategy.scope():
         keras.utils.set_random_seed(0)
         model = _model(_layer("top_2", expert_parallel))
-        _compile(model, keras.optimizers.Adam(1e-2))
+        optimizer = keras.optimizers.Adam(1e-2)
+        if expert_parallel == "sharded":
+            optimizer = tf_moe.distribute.shard_optimizer(optimizer)
+        _compile(model, optimizer)
     history = model.fit(dataset, epochs=2, verbose=0)
-    weights = model.get_weights()
+    weights = model.get_weights()  # sharded experts: gathered from both workers
     np.savez(path, *weights)
     _emit("worker", task=json.loads(os.environ["TF_CONFIG"])["task"]["index"],
           replicas=strategy.num_replicas_in_sync, loss=history.history["loss"],
@@ -308,11 +447,24 @@ def run_worker(path, expert_parallel=False):
 
 def main(argv):
     if argv[0] == "worker":
-        return run_worker(argv[1], expert_parallel=argv[2:] == ["ep"])
+        placement = argv[2] if len(argv) > 2 else "dp"
+        return run_worker(argv[1], expert_parallel={"dp": False, "ep": True,
+                                                    "sharded": "sharded"}[placement])
     devices = int(argv[0])
     strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(devices)])
     for check in argv[1:]:
         kind, _, arg = check.partition(":")
+        if kind == "sharded":
+            check_sharded(strategy)
+            continue
+        if kind == "sharded_save":
+            check_sharded_save(strategy, arg)
+            continue
+        if kind in ("sharded_load", "sharded_load_alone"):  # arg: DIRECTORY@SOURCE_REPLICAS
+            directory, _, source = arg.rpartition("@")
+            check_sharded_load(strategy if kind == "sharded_load" else None, directory,
+                               int(source))
+            continue
         if kind in ("expert_parallel", "expert_parallel_jit"):
             check_expert_parallel(arg, strategy, jit_compile=kind.endswith("jit"))
         elif kind == "errors":

@@ -23,9 +23,9 @@ TOLERANCE = 1e-5
 
 RUNS = {
     2: [f"expert_parallel:{name}" for name in ROUTERS]
-       + ["errors", "data_parallel:top_2", "fit_dp:top_2", "fit_ep:hierarchical"]
+       + ["errors", "data_parallel:top_2", "fit_dp:top_2", "fit_ep:hierarchical", "sharded"]
        + [f"uneven:{name}" for name in ROUTERS],
-    4: [f"expert_parallel:{name}" for name in ROUTERS] + ["errors", "uneven:top_2"],
+    4: [f"expert_parallel:{name}" for name in ROUTERS] + ["errors", "uneven:top_2", "sharded"],
     # XLA under a strategy: TensorFlow cannot jit-compile a step whose
     # replicas are several CPU devices of one process (even a Dense model
     # fails: "Trying to access resource ... located in device CPU:1 from
@@ -123,6 +123,55 @@ def test_jit_compile_under_strategy(results, check):
     assert r["last_loss"] < 0.8 * r["first_loss"]
 
 
+@pytest.mark.parametrize("devices", [2, 4])
+def test_sharded_experts_store_each_expert_once_and_train_as_one_device(results, devices):
+    """expert_parallel="sharded": same init as one device, same Adam steps, 1/r of the memory."""
+    r = results[devices]["sharded"]
+    assert r["replicas"] == devices
+    assert r["init_err"] == 0.0  # each expert from its own seed: any replica count
+    assert r["weight_err"]["sharded"] <= TOLERANCE  # 3 Adam steps of fit
+    assert r["weight_err"]["mirrored"] <= TOLERANCE
+    assert r["losses"]["sharded"] == pytest.approx(r["losses"]["single"], rel=1e-5)
+    assert r["weight_ratio"] == pytest.approx(1 / devices)  # per device, vs expert_parallel=True
+    assert r["slot_ratio"] == pytest.approx(1 / devices) and r["slots"][0] == r["slots"][1] > 0
+    assert r["full_shapes"] == r["single_shapes"]  # get_weights gathers every expert
+    assert "tf_moe.distribute.shard_optimizer" in r["errors"]["optimizer"]
+    assert f"num_experts={devices + 1} and {devices} replicas" in r["errors"]["divisible"]
+
+
+def _run_checks(devices, *checks):
+    process = subprocess.run([sys.executable, CHECKS, str(devices), *checks],
+                             capture_output=True, text=True, env=_environment(), timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    return _parse(process.stdout)
+
+
+def test_sharded_experts_reshard_through_every_file(tmp_path):
+    """Saved on r replicas (.keras, .weights.h5, tf.train.Checkpoint), loaded on r', one device.
+
+    Trained on 2 replicas, loaded on 4; trained on 4, loaded on 2; both
+    loaded with no strategy: the same predictions, and the checkpoint's Adam
+    slots equal to the saved ones.
+    """
+    directory = str(tmp_path)
+    _run_checks(2, f"sharded_save:{directory}")
+    out = _run_checks(4, f"sharded_load:{directory}@2", f"sharded_save:{directory}")
+    out.update(_run_checks(2, f"sharded_load:{directory}@4"))
+    out.update(_run_checks(1, f"sharded_load_alone:{directory}@2",
+                           f"sharded_load_alone:{directory}@4"))
+    for check, on, sharded in (("sharded_load_r2_on_4", 4, True),
+                               ("sharded_load_r4_on_2", 2, True),
+                               ("sharded_load_r2_on_1", 1, False),
+                               ("sharded_load_r4_on_1", 1, False)):
+        r = out[check]
+        assert r["replicas"] == on
+        assert set(r["errors"]) == {"keras", "weights_h5", "checkpoint"}
+        for label, error in r["errors"].items():
+            assert error <= 1e-6, (check, label)
+            assert r["sharded"][label] is sharded, (check, label)
+        assert r["slots"] > 0 and r["slot_err"] <= 1e-7, check
+
+
 def _free_ports(count):
     sockets = [socket.socket() for _ in range(count)]
     try:
@@ -134,7 +183,7 @@ def _free_ports(count):
             s.close()
 
 
-@pytest.mark.parametrize("placement", ["dp", "ep"])
+@pytest.mark.parametrize("placement", ["dp", "ep", "sharded"])
 def test_multi_worker_fit(tmp_path, placement):
     """Two workers on 127.0.0.1, MultiWorkerMirroredStrategy, model.fit: same weights.
 

@@ -32,7 +32,7 @@ import keras as _keras  # noqa: E402
 
 _require_tensorflow_backend(_keras.config.backend(), "keras.config.backend()")
 
-from tf_moe import routing  # noqa: E402
+from tf_moe import distribute, routing  # noqa: E402
 from tf_moe.callbacks import RouterTensorBoard  # noqa: E402
 from tf_moe.experts import FeedForwardExperts  # noqa: E402
 from tf_moe.hierarchical import HierarchicalMoELayer, InnerTop2Router  # noqa: E402
@@ -83,6 +83,7 @@ __all__ = [
     "TopKRouter",
     "TopNRouter",
     "TruncatedTop2Router",
+    "distribute",
     "expert_capacity",
     "expert_selection_gating",
     "noisy_top_k_gating",

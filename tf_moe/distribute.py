@@ -25,13 +25,24 @@ The all-to-all is its own adjoint (the exchange is a permutation of blocks
 that is its own inverse), so its gradient is the all-to-all of the
 gradients, and `all_to_all` defines it that way on every platform.
 
-The weights: under `MirroredStrategy` and `MultiWorkerMirroredStrategy`
-every replica still stores (and the optimizer still updates) all `e`
-experts; expert parallelism divides the experts' FLOPs and activation
+The weights, `expert_parallel=True`: under `MirroredStrategy` and
+`MultiWorkerMirroredStrategy` every replica stores (and the optimizer
+updates) all `e` experts; this divides the experts' FLOPs and activation
 memory by `r`, not the weight memory. The weight gradient of an expert
 comes only from the replica that owns it (the others contribute zeros to the
 all-reduce), which is exactly the sum over replicas that data parallelism
 computes, so the update is the same.
+
+The weights, `expert_parallel="sharded"`: replica `i` stores only its
+experts, as a `ShardedVariable` (a `MirroredVariable` of the shard's shape
+`[e/r, ...]` whose components differ), so a replica's read in `run_experts`
+is its own experts with no slicing. Its gradient is then that expert
+shard's whole gradient (the tokens of every replica reached it through the
+all-to-all, whose gradient brings theirs back), and another replica's
+gradient belongs to other experts: `shard_optimizer` leaves these gradients
+out of Keras' all-reduce, so `distribution.extended.update` applies each
+replica's own to its own component, and gives their optimizer slots the
+same storage. Files gather every expert (see `ShardedVariable`).
 
 TPU sharding (`shard_expert_axis`). Under `TPUStrategy` with several
 logical devices per replica (a `DeviceAssignment` with
@@ -318,8 +329,10 @@ def run_experts(experts, expert_inputs, *args, expert_parallel=False, num_expert
             the local experts not divisible by the cores of a replica).
     """
     expert_shape = tuple(expert_inputs.shape[:num_expert_axes])
+    owner = _owner(experts) or experts
     if variables is None:
-        variables = _expert_variables(_owner(experts) or experts, expert_shape)
+        variables = _expert_variables(owner, expert_shape)
+    sharded = sharded_variables(owner)  # [e/r, ...]: they read as this replica's experts
     num_experts = 1
     for n in expert_shape:
         num_experts *= n
@@ -328,7 +341,15 @@ def run_experts(experts, expert_inputs, *args, expert_parallel=False, num_expert
             and _strategy().num_replicas_in_sync > 1):
         context, replicas = _expert_parallel_context(num_experts, layer_name)
     if replicas == 1:
+        if sharded and _compat.in_symbolic_scope():  # Keras tracing shapes: any e experts do
+            tiled = [(v, tf.tile(tf.convert_to_tensor(v), [v._rows // v.shape[0]]
+                                 + [1] * (v.shape.rank - 1))) for v in sharded]
+            with _substituted(experts, tiled):
+                return experts(expert_inputs, *args, **kwargs)
+        if sharded:
+            _check_sharded(sharded, 1, False, layer_name)
         return _run_sharded(experts, expert_inputs, args, kwargs, variables, num_expert_axes)
+    _check_sharded(sharded, replicas, kwargs.get("training"), layer_name)
 
     num_local = num_experts // replicas
     # Replicas with fewer tokens (a batch that splits unevenly, as predict's last one) have
@@ -399,6 +420,272 @@ def _run_sharded(experts, expert_inputs, args, kwargs, variables, num_expert_axe
     with _substituted(experts, annotated):
         outputs = experts(shard_expert_axis(expert_inputs, num_expert_axes), *args, **kwargs)
     return shard_expert_axis(outputs, num_expert_axes)
+
+
+# ---------------------------------------------------------------- sharded expert weights
+
+SHARDED = "sharded"  # expert_parallel="sharded": each replica stores its own experts only
+
+
+def shard_count(strategy=None):
+    """Replicas the expert weights are sharded over when built now: `r`, or 1.
+
+    Args:
+        strategy: default: the current strategy.
+
+    Returns:
+        An int.
+
+    Raises:
+        ValueError: under a `TPUStrategy` (its expert sharding is
+            `shard_expert_axis`'s annotations), or inside a replica context
+            (shards are made under `strategy.scope()`, where Keras builds a
+            model with a `keras.Input`).
+
+    Example:
+    >>> shard_count(), shard_count(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    (1, 2)
+    """
+    strategy = strategy or _strategy()
+    replicas = strategy.num_replicas_in_sync
+    if replicas == 1:
+        return 1
+    if _is_tpu_strategy(strategy):
+        raise ValueError(
+            'expert_parallel="sharded" is for MirroredStrategy and MultiWorkerMirroredStrategy; '
+            "under TPUStrategy the experts are split over a replica's cores by "
+            "shard_expert_axis (expert_parallel=True).")
+    if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
+        raise ValueError(
+            'Sharded expert weights must be built under strategy.scope(), not inside '
+            "strategy.run or a replica function: build the model there (a keras.Input, or "
+            "model.build) before fit.")
+    return replicas
+
+
+def _local_replica_ids(strategy):
+    """The replica id of each of this worker's devices, in the order of a variable's components."""
+    @tf.function  # strategy.run in a function: TensorFlow warns about it run eagerly
+    def replica_ids():
+        return strategy.run(lambda: tf.identity(
+            tf.distribute.get_replica_context().replica_id_in_sync_group))
+
+    return [int(i) for i in strategy.experimental_local_results(replica_ids())]
+
+
+class ShardedVariable(_compat.FullValueCheckpoint, keras.Variable):
+    """An expert weight stored once across replicas: replica `j` holds rows `[j*n, (j+1)*n)`.
+
+    A Keras variable whose `shape` is one replica's shard `[e/r, ...]`. It
+    is a `MirroredVariable` underneath whose components differ: in a replica
+    context (`fit`, `predict`, `strategy.run`) it reads as that replica's own
+    experts. In the cross-replica context, `numpy()` (hence `get_weights`,
+    `.keras` and `.weights.h5` files) and `tf.train.Checkpoint` give every
+    expert, `[e, ...]`, gathered from the replicas (an all-gather across
+    workers); `assign` of an `[e, ...]` value gives each replica its rows, so
+    any of these files loads into any number of replicas that divides `e`,
+    or into one device. Made by `FeedForwardExperts` with
+    `shard_across_replicas=True`, and for their optimizer slots by
+    `shard_optimizer`; not constructed directly.
+
+    Attributes:
+        full_shape: `[e, ...]`, every replica's rows together.
+        optimizer_ready: whether an optimizer from `shard_optimizer` was
+            built with it (training refuses otherwise).
+
+    Example:
+    >>> strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    >>> with strategy.scope():
+    ...     experts = tf_moe.FeedForwardExperts(4, 8, seed=0, shard_across_replicas=True)
+    ...     experts.build((4, None, 6))
+    >>> type(experts.wo).__name__, experts.wo.shape, np.asarray(experts.wo).shape
+    ('ShardedVariable', TensorShape([2, 8, 6]), (4, 8, 6))
+    """
+
+    def _shard(self, rows, strategy):
+        self._rows = rows
+        self._strategy = strategy
+        self._replica_ids = _local_replica_ids(strategy)
+        self.optimizer_ready = False
+        self.value._tf_moe_sharded = True  # how the optimizer patch knows it (a tf.Variable)
+
+    @property
+    def full_shape(self):
+        """`[e, ...]`: every expert's rows."""
+        return tf.TensorShape([self._rows] + self.shape.as_list()[1:])
+
+    def _components(self):
+        return list(self.value.values)
+
+    def full_value(self):
+        """Every expert, `[e, ...]`, gathered from the replicas (cross-replica context)."""
+        if len(self._components()) == self._strategy.num_replicas_in_sync:
+            order = sorted(zip(self._replica_ids, self._components()), key=lambda p: p[0])
+            return tf.concat([tf.convert_to_tensor(c) for _, c in order], axis=0)
+        @tf.function
+        def gather():  # across workers: a collective
+            return self._strategy.run(lambda: tf.distribute.get_replica_context().all_gather(
+                tf.convert_to_tensor(self.value), axis=0))
+
+        return self._strategy.experimental_local_results(gather())[0]
+
+    def assign_full(self, value):
+        """Gives each replica its rows of `value` `[e, ...]`."""
+        value = tf.cast(tf.convert_to_tensor(value), self.value.dtype)
+        if value.shape != self.full_shape:
+            raise ValueError(f"{self.path}: the value for every expert must have shape "
+                             f"{self.full_shape.as_list()}, got {value.shape.as_list()}.")
+        rows = self.shape[0]
+        for replica, component in zip(self._replica_ids, self._components()):
+            component.assign(value[replica * rows:(replica + 1) * rows])
+
+    def assign(self, value):
+        shape = getattr(value, "shape", None)
+        if shape is not None and tuple(shape) == tuple(self.full_shape) != tuple(self.shape):
+            return self.assign_full(value)
+        return super().assign(value)
+
+    def numpy(self):
+        return self.full_value().numpy()
+
+    def __array__(self, dtype=None, copy=None):
+        return self.numpy().astype(dtype) if dtype is not None else self.numpy()
+
+    def checkpoint_value(self):
+        return self.full_value()
+
+    def restore_checkpoint_value(self, value):
+        self.assign_full(value)
+
+
+def shard_variable(variable, rows, initial_rows=None):
+    """Turns `variable` (`[e/r, ...]`, built under a strategy) into a `ShardedVariable`.
+
+    Args:
+        variable: a Keras variable, just made under `strategy.scope()`.
+        rows: `e`, the rows of every replica together.
+        initial_rows: None, or a function `range -> [len, ...]` giving the
+            initial value of those global rows (each replica draws its own).
+
+    Returns:
+        The same object, now a `ShardedVariable`.
+
+    Example:
+    >>> strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    >>> with strategy.scope():
+    ...     v = shard_variable(keras.Variable(np.zeros((2, 3), "float32")), 4,
+    ...                        lambda rows: tf.fill([len(rows), 3], float(rows[0])))
+    >>> np.asarray(v)[:, 0].tolist()  # replica 0 drew rows 0-1, replica 1 rows 2-3
+    [0.0, 0.0, 2.0, 2.0]
+    """
+    variable.__class__ = ShardedVariable
+    variable._shard(rows, _strategy())
+    if initial_rows is not None:
+        with tf.init_scope():
+            n = variable.shape[0]
+            for replica, component in zip(variable._replica_ids, variable._components()):
+                component.assign(initial_rows(range(replica * n, (replica + 1) * n)))
+    return variable
+
+
+def sharded_variables(layer):
+    """The `ShardedVariable`s of `layer` and its sublayers.
+
+    Args:
+        layer: a Keras layer.
+
+    Returns:
+        A list, empty on one device.
+
+    Example:
+    >>> layer = tf_moe.MoELayer(4, expert_parallel="sharded")
+    >>> layer.build((None, 8))
+    >>> sharded_variables(layer)  # one device: the experts are stored whole
+    []
+    """
+    return [v for v in getattr(layer, "weights", []) if isinstance(v, ShardedVariable)]
+
+
+def shard_optimizer(optimizer):
+    """Lets `optimizer` train expert weights sharded across replicas (`expert_parallel="sharded"`).
+
+    Keras' optimizers sum every gradient over the replicas and apply the sum
+    to every replica's copy. With sharded experts a replica's gradient is
+    already its own experts' whole gradient (every replica's tokens reached
+    them through the all-to-all), and another replica's is another expert's:
+    this optimizer leaves those gradients out of the all-reduce, so each
+    replica applies its own, and stores the slots of a sharded weight (Adam's
+    moments, ...) sharded the same way. Every other variable is handled as
+    before. The layers refuse to train sharded experts with an optimizer that
+    was not passed through here.
+
+    Args:
+        optimizer: a Keras optimizer (not yet built), e.g.
+            `keras.optimizers.Adam(1e-3)`; not a `LossScaleOptimizer`, nor one
+            with `use_ema=True` (their copies of the weights are not sharded).
+
+    Returns:
+        The same optimizer object.
+
+    Example:
+    >>> strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    >>> with strategy.scope():  # the optimizer too: Keras' takes the strategy it is made in
+    ...     optimizer = shard_optimizer(keras.optimizers.Adam())
+    ...     model = keras.Sequential([keras.Input((16, 8)),
+    ...                               tf_moe.MoELayer(4, expert_parallel="sharded")])
+    ...     model.compile(optimizer, "mse")  # then model.fit(...)
+    ...     optimizer.build(model.trainable_variables)
+    >>> [(type(v).__name__, tuple(v.shape)) for v in optimizer.variables if "experts_wo" in v.path]
+    [('ShardedVariable', (2, 32, 8)), ('ShardedVariable', (2, 32, 8))]
+    """
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise TypeError(f"shard_optimizer takes a Keras optimizer, got {optimizer!r}.")
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) or getattr(
+            optimizer, "use_ema", False):
+        raise TypeError(
+            "shard_optimizer does not support LossScaleOptimizer or use_ema=True: their "
+            "extra copies of the weights would not be sharded.")
+    if getattr(optimizer, "_tf_moe_sharded", False):
+        return optimizer
+    if optimizer.built:
+        raise ValueError("shard_optimizer needs an optimizer that is not built yet "
+                         "(pass it to model.compile before fit).")
+    _compat.all_reduce_gradients_except(
+        optimizer, lambda variable: getattr(variable, "_tf_moe_sharded", False))
+
+    def shard_slot(slot, reference):
+        if isinstance(reference, ShardedVariable):
+            shard_variable(slot, reference._rows)
+
+    _compat.on_variable_from_reference(optimizer, shard_slot)
+    build = optimizer.build
+
+    def build_and_mark(variables):
+        build(variables)
+        for variable in variables:
+            if isinstance(variable, ShardedVariable):
+                variable.optimizer_ready = True
+
+    optimizer.build = build_and_mark
+    optimizer._tf_moe_sharded = True
+    return optimizer
+
+
+def _check_sharded(sharded, replicas, training, layer_name):
+    """Clear errors before sharded experts run: the replica count, the optimizer."""
+    for variable in sharded:
+        expected = variable._rows // variable.shape[0]
+        if replicas != expected:
+            raise ValueError(
+                f"{layer_name}: its expert weights are sharded over {expected} replicas, but "
+                f"it runs with {replicas}. Save the model and load it under the strategy it "
+                "is run with (every file holds all experts).")
+        if training and not variable.optimizer_ready:
+            raise ValueError(
+                f"{layer_name}: expert_parallel='sharded' trains each replica's own experts, "
+                "which Keras' optimizers would all-reduce with the others'. Compile with "
+                "tf_moe.distribute.shard_optimizer(optimizer) (after keras.models.load_model "
+                "too: model.compile(tf_moe.distribute.shard_optimizer(...), ...)).")
 
 
 class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):

@@ -1,10 +1,12 @@
 """Experts: `e` feed-forward networks evaluated together with batched matmuls."""
 
+import random
+
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_moe import _checks, dispatch, seeding
+from tf_moe import _checks, dispatch, distribute, seeding
 
 
 _TRUNCATED_NORMAL_STDDEV = 0.87962566103423978  # std of a unit normal truncated at 2
@@ -113,6 +115,12 @@ class FeedForwardExperts(keras.layers.Layer):
         dropout_seed: int or None, the dropout's own seed; default `seed`.
         use_bias: bool: biases `bi [e, h]` (one per GLU kernel) and `bo [e, n]`,
             zeros at first, as Keras' `Dense` (Mesh-TF's experts have none).
+        shard_across_replicas: bool: built under a `MirroredStrategy` or
+            `MultiWorkerMirroredStrategy` of `r` replicas, each replica stores
+            only its `e/r` experts (`tf_moe.distribute.ShardedVariable`); each
+            expert is drawn from its own seed, so the same seed gives the same
+            experts on any number of replicas. What `MoELayer(expert_parallel=
+            "sharded")` uses. One expert axis only.
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -131,7 +139,7 @@ class FeedForwardExperts(keras.layers.Layer):
     @_checks.python_numbers
     def __init__(self, num_experts, hidden_dim, activation="relu", output_dim=None,
                  dropout_rate=0.0, kernel_initializer=None, seed=None, dropout_seed=None,
-                 use_bias=False, **kwargs):
+                 use_bias=False, shard_across_replicas=False, **kwargs):
         super().__init__(**kwargs)
         self.expert_shape = tuple(num_experts) if isinstance(num_experts, (tuple, list)) else (
             num_experts,)
@@ -152,15 +160,52 @@ class FeedForwardExperts(keras.layers.Layer):
         self.dropout_seed = dropout_seed
         _checks.check_bool("use_bias", use_bias)
         self.use_bias = bool(use_bias)
+        _checks.check_bool("shard_across_replicas", shard_across_replicas)
+        if shard_across_replicas and len(self.expert_shape) != 1:
+            raise ValueError("shard_across_replicas=True takes one expert axis, got "
+                             f"num_experts={num_experts}.")
+        self.shard_across_replicas = bool(shard_across_replicas)
 
-    def _initializer(self, fan_in, index):
-        """Initializer of kernel number `index`: each kernel gets its own seed."""
+    def _initializer(self, fan_in, index, seed_offset=0):
+        """Initializer of kernel number `index`: each kernel gets its own seed (+ `seed_offset`)."""
         if self.kernel_initializer is not None:
             config = self.kernel_initializer.get_config()
             if config.get("seed") is not None:
-                config["seed"] += index
+                config["seed"] += index + seed_offset
             return type(self.kernel_initializer).from_config(config)
-        return _fan_in_initializer(fan_in, None if self.seed is None else self.seed + 1 + index)
+        seed = self._seed_base if self.shard_across_replicas else self.seed
+        return _fan_in_initializer(fan_in, None if seed is None else seed + 1 + index
+                                   + seed_offset)
+
+    def _add_expert_weight(self, name, rest, fan_in=None, index=None):
+        """An expert weight `[e, *rest]`: a kernel (`fan_in`, `index`) or a zero bias.
+
+        With `shard_across_replicas`, expert `i` of kernel `index` is drawn
+        from its own seed (offset `i * kernels`), and under `r > 1` replicas
+        the weight is a `ShardedVariable` of `[e/r, *rest]` per replica.
+        """
+        if not self.shard_across_replicas:
+            initializer = "zeros" if fan_in is None else self._initializer(fan_in, index)
+            return self.add_weight(name=name, shape=self.expert_shape + rest,
+                                   initializer=initializer)
+        kernels = len(self._activations) + 1
+
+        def rows(experts):  # each expert from its own seed: the same values for any r
+            if fan_in is None:
+                return tf.zeros([len(experts)] + list(rest), self.variable_dtype)
+            return tf.stack([self._initializer(fan_in, index, expert * kernels)(
+                rest, dtype=self.variable_dtype) for expert in experts])
+
+        e = self.expert_shape[0]
+        r = distribute.shard_count()
+        if e % r:
+            raise ValueError(f"Sharded experts need num_experts divisible by the replicas: got "
+                             f"num_experts={e} and {r} replicas.")
+        if r == 1:
+            return self.add_weight(name=name, shape=self.expert_shape + rest,
+                                   initializer=lambda shape, dtype=None: rows(range(e)))
+        variable = self.add_weight(name=name, shape=(e // r,) + rest, initializer="zeros")
+        return distribute.shard_variable(variable, e, rows)
 
     def build(self, input_shape):
         k = len(self.expert_shape)
@@ -176,21 +221,17 @@ class FeedForwardExperts(keras.layers.Layer):
             raise ValueError("Expert inputs must have a known last axis (m).")
         h = self.hidden_dim or 4 * model_dim
         n = self.output_dim or model_dim
-        self.wi = [
-            self.add_weight(name=f"wi_{k}" if len(self._activations) > 1 else "wi",
-                            shape=self.expert_shape + (model_dim, h),
-                            initializer=self._initializer(model_dim, k))
-            for k in range(len(self._activations))
-        ]
-        self.wo = self.add_weight(name="wo", shape=self.expert_shape + (h, n),
-                                  initializer=self._initializer(h, len(self._activations)))
+        # Sharded experts unseeded: one base seed drawn now, each expert offset from it.
+        self._seed_base = self.seed if self.seed is not None else random.randrange(1 << 30)
+        glu = len(self._activations) > 1
+        self.wi = [self._add_expert_weight(f"wi_{k}" if glu else "wi", (model_dim, h),
+                                           fan_in=model_dim, index=k)
+                   for k in range(len(self._activations))]
+        self.wo = self._add_expert_weight("wo", (h, n), fan_in=h, index=len(self._activations))
         if self.use_bias:  # as Keras' Dense: zeros
-            glu = len(self._activations) > 1
-            self.bi = [self.add_weight(name=f"bi_{k}" if glu else "bi",
-                                       shape=self.expert_shape + (h,), initializer="zeros")
+            self.bi = [self._add_expert_weight(f"bi_{k}" if glu else "bi", (h,))
                        for k in range(len(self._activations))]
-            self.bo = self.add_weight(name="bo", shape=self.expert_shape + (n,),
-                                      initializer="zeros")
+            self.bo = self._add_expert_weight("bo", (n,))
         self.seed_base, self.seed_step = seeding.add_seed_weights(
             self, self.seed if self.dropout_seed is None else self.dropout_seed)
 
@@ -261,5 +302,6 @@ class FeedForwardExperts(keras.layers.Layer):
             seed=self.seed,
             dropout_seed=self.dropout_seed,
             use_bias=self.use_bias,
+            shard_across_replicas=self.shard_across_replicas,
         )
         return config

@@ -239,7 +239,8 @@ class HierarchicalMoELayer(MoEBase):
             kernels and the dropout.
         expert_parallel: bool: under `tf.distribute`, replica `i` runs
             experts `[i * xy/r, (i + 1) * xy/r)` (counting `(x, y)` row by
-            row) on every replica's tokens (`tf_moe.distribute`). Default False.
+            row) on every replica's tokens (`tf_moe.distribute`), every replica
+            storing all experts (`"sharded"` is `MoELayer`'s only). Default False.
         dispatch: `"einsum"`, `"gather"` or `"auto"`, at both levels; see
             `MoELayer`. Same outputs and gradients either way.
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
@@ -295,6 +296,10 @@ class HierarchicalMoELayer(MoEBase):
     ):
         for key in options.legacy_keys(kwargs):
             raise TypeError(_legacy_message(key, kwargs[key], num_experts))
+        if expert_parallel == "sharded":
+            raise ValueError(
+                'HierarchicalMoELayer takes expert_parallel=True or False; "sharded" (each '
+                "replica storing only its experts) is MoELayer's.")
         super().__init__(
             expert_hidden_dim=expert_hidden_dim, group_size=group_size, loss_coef=loss_coef,
             z_loss_coef=z_loss_coef, activation=activation, output_dim=output_dim,

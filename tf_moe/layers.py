@@ -153,7 +153,10 @@ class MoEBase(_compat.ThreadLocalLosses, keras.layers.Layer):
         _checks.check_rate("expert_dropout_rate", expert_dropout_rate)
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise TypeError(f"seed must be None or an int, got {seed!r}.")
-        _checks.check_bool("expert_parallel", expert_parallel)
+        if expert_parallel != distribute.SHARDED and not isinstance(expert_parallel,
+                                                                    (bool, np.bool_)):
+            raise TypeError(f"expert_parallel must be True, False or {distribute.SHARDED!r}, "
+                            f"got {expert_parallel!r}.")
         dispatch_module.resolve(dispatch)  # validates the name
         self._activations = _checks.check_activation(activation)
         self.expert_hidden_dim = expert_hidden_dim
@@ -164,7 +167,8 @@ class MoEBase(_compat.ThreadLocalLosses, keras.layers.Layer):
         self.output_dim = output_dim
         self.expert_dropout_rate = expert_dropout_rate
         self.seed = seed
-        self.expert_parallel = bool(expert_parallel)
+        self.expert_parallel = (expert_parallel if expert_parallel == distribute.SHARDED
+                                else bool(expert_parallel))
         self.dispatch = dispatch
         self.supports_masking = True
 
@@ -401,9 +405,11 @@ class MoELayer(MoEBase):
             `σ(x w_g)`, `w_g [m, 1]` (Qwen-MoE; Megatron's `moe_shared_expert_gate`).
         seed: int or None, seeds the router (unless it has its own) and the
             experts (`seed + 1`).
-        expert_parallel: bool: under `tf.distribute`, replica `i` runs
-            experts `[i * e/r, (i + 1) * e/r)` on every replica's tokens
-            (`tf_moe.distribute`). Default False.
+        expert_parallel: under `tf.distribute`, replica `i` runs experts
+            `[i * e/r, (i + 1) * e/r)` on every replica's tokens
+            (`tf_moe.distribute`): True stores every expert on every replica,
+            `"sharded"` only its own (compile with
+            `tf_moe.distribute.shard_optimizer`). Default False.
         dispatch: `"einsum"` (one-hot matmuls, best on TPU), `"gather"` (by
             index, best on CPU and GPU) or `"auto"` (einsum when TPUs are
             visible); the same outputs and gradients (`tf_moe.dispatch`).
@@ -504,9 +510,16 @@ class MoELayer(MoEBase):
                 output_dim=self._experts_width(model_dim),
                 dropout_rate=self.expert_dropout_rate,
                 seed=None if self.seed is None else self.seed + 1,  # not the router's stream
+                shard_across_replicas=self.expert_parallel == distribute.SHARDED,
                 dtype=self.dtype_policy, name=f"{self.name}_experts")
-        elif self.use_experts_attention:
-            _check_even_width(self._experts_width(model_dim))
+        else:
+            if self.use_experts_attention:
+                _check_even_width(self._experts_width(model_dim))
+            if self.expert_parallel == distribute.SHARDED and not getattr(
+                    self.experts, "shard_across_replicas", False):
+                raise ValueError(
+                    'expert_parallel="sharded" needs experts that store one shard per replica: '
+                    "FeedForwardExperts(..., shard_across_replicas=True), or experts=None.")
         self.router._check_embeddings_given(token_embeddings_shape is not None,
                                             owner=f"MoELayer {self.name!r}")
         if not self.router.built:  # a custom router's build may take one shape only
