@@ -149,18 +149,19 @@ def _run_checks(devices, *checks):
 def test_sharded_experts_reshard_through_every_file(tmp_path):
     """Saved on r replicas (.keras, .weights.h5, tf.train.Checkpoint), loaded on r', one device.
 
-    Trained on 2 replicas, loaded on 4; trained on 4, loaded on 2; both
-    loaded with no strategy: the same predictions, and the checkpoint's Adam
-    slots equal to the saved ones.
+    Trained on 2 replicas, loaded on 4 and on 2 again; trained on 4, loaded on
+    2; both loaded with no strategy: the same predictions, and the checkpoint's
+    Adam slots equal to the saved ones.
     """
     directory = str(tmp_path)
     _run_checks(2, f"sharded_save:{directory}")
     out = _run_checks(4, f"sharded_load:{directory}@2", f"sharded_save:{directory}")
-    out.update(_run_checks(2, f"sharded_load:{directory}@4"))
+    out.update(_run_checks(2, f"sharded_load:{directory}@4", f"sharded_load:{directory}@2"))
     out.update(_run_checks(1, f"sharded_load_alone:{directory}@2",
                            f"sharded_load_alone:{directory}@4"))
     for check, on, sharded in (("sharded_load_r2_on_4", 4, True),
                                ("sharded_load_r4_on_2", 2, True),
+                               ("sharded_load_r2_on_2", 2, True),
                                ("sharded_load_r2_on_1", 1, False),
                                ("sharded_load_r4_on_1", 1, False)):
         r = out[check]
