@@ -222,7 +222,9 @@ class FeedForwardExperts(keras.layers.Layer):
         h = self.hidden_dim or 4 * model_dim
         n = self.output_dim or model_dim
         # Sharded experts unseeded: one base seed drawn now, each expert offset from it.
-        self._seed_base = self.seed if self.seed is not None else random.randrange(1 << 30)
+        self._seed_base = self.seed
+        if self.shard_across_replicas and self.seed is None:
+            self._seed_base = random.randrange(1 << 30)
         glu = len(self._activations) > 1
         self.wi = [self._add_expert_weight(f"wi_{k}" if glu else "wi", (model_dim, h),
                                            fan_in=model_dim, index=k)

@@ -296,7 +296,7 @@ class HierarchicalMoELayer(MoEBase):
     ):
         for key in options.legacy_keys(kwargs):
             raise TypeError(_legacy_message(key, kwargs[key], num_experts))
-        if expert_parallel == "sharded":
+        if expert_parallel == distribute.SHARDED:
             raise ValueError(
                 'HierarchicalMoELayer takes expert_parallel=True or False; "sharded" (each '
                 "replica storing only its experts) is MoELayer's.")
