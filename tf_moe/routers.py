@@ -51,7 +51,8 @@ class Router(keras.layers.Layer):
         capacity_factor_eval: the same in evaluation and inference.
         min_expert_capacity: the smallest capacity `c`, an int >= 1.
         causal: bool: queue by position, then sequence, then choice, so that no
-            output depends on later positions (routers with `supports_causal`).
+            output depends on later positions (routers with `supports_causal`);
+            top-2 then needs more capacity (README, "Causal routing").
         kernel_initializer: initializer of the `[m, e]` kernel. Default: a
             truncated normal with variance `1 / m` (Mesh-TF's dense layers
             truncate without rescaling: 0.77 times that variance).
