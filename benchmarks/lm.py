@@ -17,7 +17,7 @@ its relative path is 0 mod 10 (about 10% of the files). Nothing is downloaded.
 
 Run:
     python benchmarks/lm.py                 # ~25 min on 2 CPU cores; writes benchmarks/results/lm*
-    python benchmarks/lm.py --small         # ~1 min smoke run (numbers meaningless)
+    python benchmarks/lm.py --small         # ~1.5 min smoke run, one seed (numbers meaningless)
     python benchmarks/lm.py --seeds 0 1 2 --steps 800 --out /tmp/lm
 
 The pieces (`load_corpus`, `build_lm`, `train_lm`, `upcycle`, ...) are also
@@ -67,7 +67,8 @@ class Config:
         learning_rate: Adam's peak rate (linear warmup, then cosine to 10%).
         warmup_steps: steps of linear warmup.
         group_size: tokens per routing group of the MoE layers.
-        upcycle_steps: `(N, M)`: dense steps, then steps of each continuation.
+        upcycle_steps: `(N, M)`: dense steps, then steps of the upcycled MoE.
+        timing_rounds: rounds of the interleaved step timing after each seed.
     """
 
     model_dim: int = 128
@@ -84,10 +85,12 @@ class Config:
     warmup_steps: int = 50
     group_size: int = 1024
     upcycle_steps: tuple = (300, 300)
+    timing_rounds: int = 5
 
 
 SMALL = Config(model_dim=64, num_layers=1, num_heads=2, length=64, batch=16, hidden_dim=256,
-               steps=60, eval_every=20, val_windows=64, warmup_steps=10, upcycle_steps=(40, 40))
+               steps=60, eval_every=20, val_windows=64, warmup_steps=10, upcycle_steps=(40, 40),
+               timing_rounds=2)
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -720,7 +723,8 @@ def run_comparison(train, validation, config, seeds, variants, log=print):
             for text in run["health"]:
                 log("    " + text)
         ratios.append(interleaved_step_ratios(
-            models, windows[:config.batch, :-1], windows[:config.batch, 1:]))
+            models, windows[:config.batch, :-1], windows[:config.batch, 1:],
+            rounds=config.timing_rounds))
         log(f"seed {seed} step time / dense (interleaved): "
             + ", ".join(f"{k} {v:.2f}" for k, v in ratios[-1].items()))
     return results, ratios
@@ -737,11 +741,15 @@ def leak_check(validation, config, log=print):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", action="store_true", help="a ~1 min smoke run")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--steps", type=int, help="steps of the main comparison")
+    parser.add_argument("--small", action="store_true",
+                        help="a ~1.5 min smoke run: small model, 60 steps")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="default: 0 1 (with --small: 0)")
+    parser.add_argument("--steps", type=int,
+                        help="steps of the main comparison (a multiple of eval_every: 50, small 20)")
     parser.add_argument("--upcycle-steps", type=int, nargs=2, metavar=("N", "M"),
-                        help="dense steps, then steps of each continuation")
+                        help="dense steps, then steps of the upcycled MoE (the dense "
+                        "continuation gets as many FLOPs)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--no-upcycling", action="store_true", help="only the comparison")
     parser.add_argument("--no-comparison", action="store_true", help="only the upcycling")
@@ -749,6 +757,7 @@ def main(argv=None):
                         "benchmarks/results, or /tmp/lm_small with --small)")
     args = parser.parse_args(argv)
     config = SMALL if args.small else Config()
+    args.seeds = args.seeds or ([0] if args.small else [0, 1])
     if args.steps:
         config = dataclasses.replace(config, steps=args.steps)
     if args.upcycle_steps:
