@@ -746,7 +746,7 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+",
                         help="default: 0 1 (with --small: 0)")
     parser.add_argument("--steps", type=int,
-                        help="steps of the main comparison (a multiple of eval_every: 50, small 20)")
+                        help="steps of the main comparison, a multiple of 50 (--small: of 20)")
     parser.add_argument("--upcycle-steps", type=int, nargs=2, metavar=("N", "M"),
                         help="dense steps, then steps of the upcycled MoE (the dense "
                         "continuation gets as many FLOPs)")
