@@ -5,7 +5,8 @@
 #
 #  1. `python -m build`: the sdist, then the wheel built from that sdist; `twine check --strict`.
 #  2. The wheel holds every file git tracks under tf_moe/ and no other top-level package; the sdist
-#     holds every tracked file under tf_moe/, tests/, notebooks/ and the top-level metadata.
+#     holds every tracked file under tf_moe/, tests/, notebooks/, benchmarks/lm.py and the top-level
+#     metadata.
 #  3. The wheel in a fresh venv outside the checkout (--system-site-packages, so TensorFlow is not
 #     downloaded again; the venv's own tf_moe shadows an editable install of the system site):
 #     from another folder, tools/smoke_test.py and `python -m tf_moe.demo` run on it.
@@ -47,8 +48,8 @@ step "twine check --strict"
 step "contents of the wheel and the sdist"
 if git -C "$ROOT" rev-parse --is-inside-work-tree > /dev/null 2>&1; then
     git -C "$ROOT" ls-files -- tf_moe > "$WORK/package_files"
-    git -C "$ROOT" ls-files -- tf_moe tests notebooks tools README.md LICENSE CHANGELOG.md \
-        setup.cfg setup.py pyproject.toml MANIFEST.in > "$WORK/sdist_files"
+    git -C "$ROOT" ls-files -- tf_moe tests notebooks tools benchmarks/lm.py README.md LICENSE \
+        CHANGELOG.md setup.cfg setup.py pyproject.toml MANIFEST.in > "$WORK/sdist_files"
 else  # not a git checkout (e.g. an unpacked sdist): what is on disk
     (cd "$ROOT" && find tf_moe -type f ! -path '*__pycache__*' ! -name '*.py[cod]') \
         > "$WORK/package_files"
