@@ -522,12 +522,11 @@ class ShardedVariable(_compat.FullValueCheckpoint, keras.Variable):
         if len(self._components()) == self._strategy.num_replicas_in_sync:
             order = sorted(zip(self._replica_ids, self._components()), key=lambda p: p[0])
             return tf.concat([tf.convert_to_tensor(c) for _, c in order], axis=0)
-        @tf.function
-        def gather():  # across workers: a collective
-            return self._strategy.run(lambda: tf.distribute.get_replica_context().all_gather(
-                tf.convert_to_tensor(self.value), axis=0))
-
-        return self._strategy.experimental_local_results(gather())[0]
+        # Across workers: a collective, run eagerly (in a tf.function, MultiWorkerMirrored's
+        # all_gather fails with "destinations can not be empty").
+        gathered = self._strategy.run(lambda: tf.distribute.get_replica_context().all_gather(
+            tf.convert_to_tensor(self.value), axis=0))
+        return self._strategy.experimental_local_results(gathered)[0]
 
     def assign_full(self, value):
         """Gives each replica its rows of `value` `[e, ...]`."""
