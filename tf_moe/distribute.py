@@ -62,6 +62,7 @@ so this path is built and documented but was never run.
 
 import contextlib
 import itertools
+import weakref
 
 import keras
 import tensorflow as tf
@@ -342,7 +343,7 @@ def run_experts(experts, expert_inputs, *args, expert_parallel=False, num_expert
         context, replicas = _expert_parallel_context(num_experts, layer_name)
     if replicas == 1:
         if sharded and _compat.in_symbolic_scope():  # Keras tracing shapes: any e experts do
-            tiled = [(v, tf.tile(tf.convert_to_tensor(v), [v._rows // v.shape[0]]
+            tiled = [(v, tf.tile(tf.convert_to_tensor(v), [v.num_shards]
                                  + [1] * (v.shape.rank - 1))) for v in sharded]
             with _substituted(experts, tiled):
                 return experts(expert_inputs, *args, **kwargs)
@@ -463,14 +464,20 @@ def shard_count(strategy=None):
     return replicas
 
 
+_REPLICA_IDS = weakref.WeakKeyDictionary()  # strategy -> its local replica ids, asked once
+
+
 def _local_replica_ids(strategy):
     """The replica id of each of this worker's devices, in the order of a variable's components."""
-    @tf.function  # strategy.run in a function: TensorFlow warns about it run eagerly
-    def replica_ids():
-        return strategy.run(lambda: tf.identity(
-            tf.distribute.get_replica_context().replica_id_in_sync_group))
+    if strategy not in _REPLICA_IDS:
+        @tf.function  # strategy.run in a function: TensorFlow warns about it run eagerly
+        def replica_ids():
+            return strategy.run(lambda: tf.identity(
+                tf.distribute.get_replica_context().replica_id_in_sync_group))
 
-    return [int(i) for i in strategy.experimental_local_results(replica_ids())]
+        _REPLICA_IDS[strategy] = [
+            int(i) for i in strategy.experimental_local_results(replica_ids())]
+    return _REPLICA_IDS[strategy]
 
 
 class ShardedVariable(_compat.FullValueCheckpoint, keras.Variable):
@@ -489,6 +496,7 @@ class ShardedVariable(_compat.FullValueCheckpoint, keras.Variable):
     `shard_optimizer`; not constructed directly.
 
     Attributes:
+        num_shards: `r`, the replicas whose shards make up the weight.
         full_shape: `[e, ...]`, every replica's rows together.
         optimizer_ready: whether an optimizer from `shard_optimizer` was
             built with it (training refuses otherwise).
@@ -508,6 +516,11 @@ class ShardedVariable(_compat.FullValueCheckpoint, keras.Variable):
         self._replica_ids = _local_replica_ids(strategy)
         self.optimizer_ready = False
         self.value._tf_moe_sharded = True  # how the optimizer patch knows it (a tf.Variable)
+
+    @property
+    def num_shards(self):
+        """`r`, the replicas whose shards make up the weight."""
+        return self._rows // self.shape[0]
 
     @property
     def full_shape(self):
@@ -673,7 +686,7 @@ def shard_optimizer(optimizer):
 def _check_sharded(sharded, replicas, training, layer_name):
     """Clear errors before sharded experts run: the replica count, the optimizer."""
     for variable in sharded:
-        expected = variable._rows // variable.shape[0]
+        expected = variable.num_shards
         if replicas != expected:
             raise ValueError(
                 f"{layer_name}: its expert weights are sharded over {expected} replicas, but "
