@@ -442,6 +442,20 @@ def train_lm(model, windows, validation, config, steps, eval_every=None):
                 step_seconds=timer.seconds, median_step=statistics.median(timer.seconds))
 
 
+def train_and_report(model, windows, validation, config, steps, eval_every=None):
+    """`train_lm`, then the run's trainable parameters and its routers' health at the end."""
+    run = train_lm(model, windows, validation, config, steps, eval_every)
+    run.update(params=trainable_params(model),
+               health=[text for text, _ in router_health_lines(run["history"], config)])
+    return run
+
+
+def log_health(run, log=print):
+    """Logs each of `run`'s router health lines, indented."""
+    for text in run["health"]:
+        log("    " + text)
+
+
 def router_health_lines(history, config):
     """`[(text, healthy)]` of every MoE layer's router by the README's thresholds."""
     from tf_moe.demo import router_health
@@ -569,17 +583,15 @@ def upcycling_experiment(train, validation, config, seed=0, log=print):
     for name, model in (("dense", copy_dense(dense)),
                         ("upcycled", upcycle(dense, config, seed=seed))):
         compile_lm(model, config, steps[name], warmup_steps=warmup)
-        result = train_lm(model, windows, validation, config, steps[name], eval_every)
-        result.update(params=trainable_params(model), flops_per_step=flops[name],
+        result = train_and_report(model, windows, validation, config, steps[name], eval_every)
+        result.update(flops_per_step=flops[name],
                       extra_flops=[s * flops[name] for s in result["steps"]],
-                      extra_seconds=[s * result["median_step"] for s in result["steps"]],
-                      health=[text for text, _ in router_health_lines(result["history"], config)])
+                      extra_seconds=[s * result["median_step"] for s in result["steps"]])
         branches[name] = result
         log(f"upcycling: {name:8s} +{steps[name]} steps ({result['extra_flops'][-1] / 1e12:.2f} "
             f"TFLOPs) -> val bpb {result['val_bpb'][-1]:.3f} (start {result['val_bpb'][0]:.4f}, "
             f"{result['median_step'] * 1e3:.0f} ms/step)")
-        for text in result["health"]:
-            log("    " + text)
+        log_health(result, log)
     up, de = branches["upcycled"], branches["dense"]
     dense_at = float(np.interp(up["extra_flops"][-1], de["extra_flops"], de["val_bpb"]))
     log(f"upcycling: at the upcycled run's {up['extra_flops'][-1] / 1e12:.2f} extra TFLOPs the "
@@ -711,17 +723,14 @@ def run_comparison(train, validation, config, seeds, variants, log=print):
         models = {}
         for variant in variants:
             model = compile_lm(build_lm(variant, config, seed), config, config.steps)
-            run = train_lm(model, windows, validation, config, config.steps)
-            run.update(seed=seed, params=trainable_params(model),
-                       causality_gap=causality_gap(model, probe, config.length // 2),
-                       health=[text for text, _ in router_health_lines(run["history"], config)])
+            run = train_and_report(model, windows, validation, config, config.steps)
+            run.update(seed=seed, causality_gap=causality_gap(model, probe, config.length // 2))
             results[variant].append(run)
             models[variant] = model
             log(f"seed {seed} {variant:16s} val bpb {run['val_bpb'][-1]:.3f}  "
                 f"{run['median_step'] * 1e3:5.0f} ms/step  causality gap "
                 f"{run['causality_gap']:.1e}  params {run['params']:,}")
-            for text in run["health"]:
-                log("    " + text)
+            log_health(run, log)
         ratios.append(interleaved_step_ratios(
             models, windows[:config.batch, :-1], windows[:config.batch, 1:],
             rounds=config.timing_rounds))
