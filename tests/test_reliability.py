@@ -445,11 +445,23 @@ def test_checkpoints_restore_every_weight_and_refuse_other_shapes(tmp_path):
         tf.train.Checkpoint(model=other).read(path).assert_consumed()
 
 
-def test_file_saved_by_version_0_1_still_loads():
-    """tests/data/ holds a model saved by tf_moe 0.1.0 (see tests/data/make_data.py)."""
-    model = keras.models.load_model(os.path.join(DATA, "moe_v0_1.keras"))
-    with open(os.path.join(DATA, "moe_v0_1.json")) as f:
+@pytest.mark.parametrize("stem", ["moe_v0_1", "moe_v0_2"])
+def test_files_saved_by_earlier_versions_still_load(stem):
+    """tests/data/ holds the models saved by tf_moe 0.1.0 and 0.2.0 (see tests/data/make_data.py)."""
+    model = keras.models.load_model(os.path.join(DATA, stem + ".keras"))
+    with open(os.path.join(DATA, stem + ".json")) as f:
         expected = json.load(f)
     x = np.asarray(expected["inputs"], "float32")
     np.testing.assert_allclose(model.predict(x, verbose=0), np.asarray(expected["outputs"]),
                                rtol=1e-5, atol=1e-6)
+    if "expert_bias" not in expected:  # 0.1 had no top-k router
+        return
+    # 0.2 added a TopKRouter with the expert bias and a gated shared expert: the bias is
+    # loaded as saved, and the predictions above depend on it.
+    layer = model.get_layer("top_k_moe")
+    assert layer.shared_expert.built and layer.shared_expert_gate
+    bias = layer.router.expert_bias
+    np.testing.assert_array_equal(bias.numpy(), np.asarray(expected["expert_bias"], "float32"))
+    assert np.any(bias.numpy() != 0)
+    bias.assign(np.zeros(bias.shape, "float32"))
+    assert np.abs(model.predict(x, verbose=0) - np.asarray(expected["outputs"])).max() > 1e-3

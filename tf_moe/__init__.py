@@ -64,7 +64,7 @@ from tf_moe.routing import (  # noqa: E402
     truncated_top_2_gating,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ExpertSelectionRouter",

@@ -2,12 +2,18 @@
 
 Run once per file format worth keeping, with the version it names:
     python tests/data/make_data.py
-It saves `moe_v{major}_{minor}.keras` (a Sequential with a MoELayer and a
-HierarchicalMoELayer, trained one epoch) and `moe_v{major}_{minor}.json`
-(inputs and the outputs that model gave when it was saved), named from the
-installed `tf_moe.__version__` (0.1.0 wrote `moe_v0_1.*`). It refuses to
-overwrite either file: the files of an older version stay as they were saved,
-and a newer version adds its own beside them.
+It saves `moe_v{major}_{minor}.keras` (a Sequential trained one epoch) and
+`moe_v{major}_{minor}.json` (inputs, the outputs that model gave when it was
+saved, and its top-k router's expert bias), named from the installed
+`tf_moe.__version__`. It refuses to overwrite either file: the files of an
+older version stay as they were saved, and a newer version adds its own beside
+them.
+
+The recipe grows with the versions. 0.1.0 wrote `moe_v0_1.*` from a MoELayer
+("top_2") and a HierarchicalMoELayer; from 0.2.0 a third MoE layer follows
+them, a DeepSeek-style `TopKRouter` with the expert bias and a gated SwiGLU
+shared expert (`moe_v0_2.*`). Its bias moves 0.05 per step, not the default
+1e-3, so that a file whose bias failed to load predicts differently.
 """
 
 import json
@@ -47,6 +53,11 @@ def main():
                         activation=["gelu", "linear"], z_loss_coef=1e-3, seed=1, name="moe"),
         tf_moe.HierarchicalMoELayer(num_experts=(2, 2), expert_hidden_dim=8, group_size=16,
                                     seed=2, name="hmoe"),
+        tf_moe.MoELayer(num_experts=4, expert_hidden_dim=8, group_size=16,
+                        router=tf_moe.TopKRouter(k=2, score="sigmoid", use_expert_bias=True,
+                                                 bias_update_rate=0.05),
+                        activation=["silu", "linear"], shared_expert_hidden_dim=8,
+                        shared_expert_gate=True, seed=3, name="top_k_moe"),
         keras.layers.Dense(3),
     ])
     model.compile("adam", "mse")
@@ -56,7 +67,9 @@ def main():
     probe = x[:3]
     with open(probe_path, "x") as f:
         json.dump({"tf_moe": tf_moe.__version__, "inputs": probe.tolist(),
-                   "outputs": model.predict(probe, verbose=0).tolist()}, f)
+                   "outputs": model.predict(probe, verbose=0).tolist(),
+                   "expert_bias": model.get_layer("top_k_moe").router.expert_bias.numpy().tolist()},
+                  f)
 
 
 if __name__ == "__main__":
