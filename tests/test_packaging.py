@@ -4,6 +4,7 @@ installs the wheel and sdist themselves, outside the test suite)."""
 import importlib.util
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -60,3 +61,10 @@ def test_make_data_refuses_to_overwrite(monkeypatch):
     with pytest.raises(SystemExit, match="not overwritten"):
         make_data.main()
     assert before == {path: os.path.getmtime(path) for path in before}
+
+
+def test_changelog_has_a_section_for_the_version():
+    """A release's version and its CHANGELOG.md entry move together."""
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    released = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}$", changelog, re.M)
+    assert released and released[0] == tf_moe.__version__, (released, tf_moe.__version__)
