@@ -62,6 +62,9 @@ TOP_K = {
     "top_k k=8 of 64": dict(TOP_K_BASE, num_experts=64, hidden_dim=128, k=8),
     "top_k k=2 of 8 + shared": dict(TOP_K_BASE, num_experts=8, hidden_dim=512, k=2,
                                     shared_hidden_dim=512),
+    # Mesh-TF's top-2 made dropless: every second choice kept, no capacity.
+    "top_2 k=2 of 8, every second kept": dict(TOP_K_BASE, num_experts=8, hidden_dim=512, k=2,
+                                              router="top_2"),
 }
 # KerasHub's MixtralSparseMoeBlock (every expert on every token) at the shapes it has.
 KERAS_HUB = {"keras_hub/mixtral k=2 of 8": TOP_K["top_k k=2 of 8"],
@@ -116,11 +119,20 @@ def dense_glu_step(config, xla):
 
 
 def top_k_layer(config):
-    """tf_moe's dropless top-k `MoELayer` (gather dispatch, SwiGLU) on a `TOP_K` configuration."""
+    """tf_moe's dropless token-choice `MoELayer` (gather dispatch, SwiGLU) for `TOP_K`.
+
+    The router is a `TopKRouter` with no capacity, or with `router="top_2"` Mesh-TF's top-2
+    with every second choice kept and no capacity in training or evaluation.
+    """
     keras.utils.set_random_seed(0)
+    if config.get("router") == "top_2":
+        router = tf_moe.Top2Router(second_policy_train="all", second_policy_eval="all",
+                                   capacity_factor_train=None, capacity_factor_eval=None)
+    else:
+        router = tf_moe.TopKRouter(k=config["k"], capacity_factor=None)
     layer = tf_moe.MoELayer(
         num_experts=config["num_experts"], expert_hidden_dim=config["hidden_dim"],
-        router=tf_moe.TopKRouter(k=config["k"], capacity_factor=None), activation=GLU,
+        router=router, activation=GLU,
         group_size=config["group_size"], dispatch="gather",
         shared_expert_hidden_dim=config.get("shared_hidden_dim"), seed=0)
     layer.build((None, config["model_dim"]))
