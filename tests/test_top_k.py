@@ -409,6 +409,19 @@ def _loss_and_gradients(layer, x, mask, training):
     return y, tape.gradient(loss, [x] + layer.trainable_weights)
 
 
+def _spy(monkeypatch, layer, method):
+    """Records whether `layer.experts.<method>` ran (at trace time under XLA)."""
+    calls = []
+    original = getattr(layer.experts, method)
+
+    def spy(*args, **kwargs):
+        calls.append(method)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layer.experts, method, spy)
+    return calls
+
+
 @pytest.mark.parametrize("router", [
     lambda: tf_moe.TopKRouter(k=2),
     lambda: tf_moe.TopKRouter(k=8, score="sigmoid", num_expert_groups=4,
@@ -419,32 +432,38 @@ def _loss_and_gradients(layer, x, mask, training):
                                 capacity_factor_eval=None),
 ])
 @pytest.mark.parametrize("training", [False, True])
-def test_dropless_blocks_under_xla_equal_the_eager_path(router, training):
-    """Under XLA a router with no capacity runs the experts on blocks (BlockPlan)."""
-    router = router()
-    experts = 64 if router.max_choices == 8 else 8
-    layer = tf_moe.MoELayer(experts, expert_hidden_dim=16, router=router, seed=0, group_size=96,
-                            activation=["silu", "linear"], shared_expert_hidden_dim=8)
+def test_dropless_sorted_rows_and_blocks_equal_the_buffers(router, training, monkeypatch):
+    """A router with no capacity runs the experts on the choices sorted by expert: in runs of
+    exactly each expert's rows (`call_sorted`), or under XLA in blocks (`call_blocks`). Both
+    equal the `[e, g, c, m]` buffers of the einsum path, outputs and gradients."""
+    def build(dispatch):
+        return tf_moe.MoELayer(experts, expert_hidden_dim=16, router=router(), seed=0,
+                               group_size=96, activation=["silu", "linear"],
+                               shared_expert_hidden_dim=8, dispatch=dispatch)
+
+    experts = 64 if router().max_choices == 8 else 8
+    layer, buffers = build("gather"), build("einsum")
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(3, 50, 12)).astype("float32"))
     mask = tf.constant(rng.random((3, 50)) > 0.2)
-    layer(x)
+    layer(x), buffers(x)
+    buffers.set_weights(layer.get_weights())
+    expected = _loss_and_gradients(buffers, x, mask, training)
+    sorted_calls = _spy(monkeypatch, layer, "call_sorted")
+    block_calls = _spy(monkeypatch, layer, "call_blocks")
     eager = _loss_and_gradients(layer, x, mask, training)
-    seen = {}
-
-    def compiled(x):
-        seen["blocks"] = layer._blocks_apply(x[None])  # x [b, l, m]: static, as the groups
-        return _loss_and_gradients(layer, x, mask, training)
-
-    xla = tf.function(compiled, jit_compile=True)(x)
-    assert seen["blocks"]
-    np.testing.assert_allclose(xla[0].numpy(), eager[0].numpy(), rtol=1e-5, atol=1e-5)
-    for a, b in zip(xla[1], eager[1]):  # weight gradients through a gather: IndexedSlices
-        np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(),
-                                   tf.convert_to_tensor(b).numpy(), rtol=1e-4, atol=1e-4)
+    assert (sorted_calls, block_calls) == (["call_sorted"], [])
+    xla = tf.function(lambda x: _loss_and_gradients(layer, x, mask, training),
+                      jit_compile=True)(x)
+    assert (sorted_calls, block_calls) == (["call_sorted"], ["call_blocks"])
+    for got in (eager, xla):
+        np.testing.assert_allclose(got[0].numpy(), expected[0].numpy(), rtol=1e-5, atol=1e-5)
+        for a, b in zip(got[1], expected[1]):  # weight gradients through a gather: IndexedSlices
+            np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(),
+                                       tf.convert_to_tensor(b).numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_dropless_blocks_under_xla_with_a_batch_size_unknown_when_traced():
+def test_dropless_blocks_under_xla_with_a_batch_size_unknown_when_traced(monkeypatch):
     """`fit(jit_compile=True)` traces with an unknown batch: the blocks still apply, exactly."""
     layer = tf_moe.MoELayer(64, expert_hidden_dim=16, seed=1, group_size=64,
                             router=tf_moe.TopKRouter(k=8, num_expert_groups=8,
@@ -455,15 +474,14 @@ def test_dropless_blocks_under_xla_with_a_batch_size_unknown_when_traced():
     mask = tf.constant(rng.random((5, 30)) > 0.25)
     layer(x)
     eager = _loss_and_gradients(layer, x, mask, True)
-    seen = {}
+    block_calls = _spy(monkeypatch, layer, "call_blocks")
 
     @tf.function(jit_compile=True, input_signature=[tf.TensorSpec([None, 30, 12])])
     def compiled(x):
-        seen["blocks"] = layer._blocks_apply(x)
         return _loss_and_gradients(layer, x, mask, True)
 
     xla = compiled(x)
-    assert seen["blocks"]
+    assert block_calls == ["call_blocks"]
     np.testing.assert_allclose(xla[0].numpy(), eager[0].numpy(), rtol=1e-5, atol=1e-5)
     for a, b in zip(xla[1], eager[1]):
         np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(),
@@ -494,3 +512,40 @@ def test_block_plan_bound_and_layout():
         for e in range(experts):  # each expert's blocks hold exactly its tokens, in order
             assert held.get(e, []) == sorted(np.nonzero(slots[:, e] >= 0)[0].tolist())
         assert (np.diff(owner) >= 0).all()  # blocks sorted by expert
+        rows = plan.expert_rows.numpy()  # each expert's blocks' rows, the unused ones the last's
+        assert rows.sum() == plan.num_blocks * plan.rows
+        np.testing.assert_array_equal(rows // plan.rows, np.bincount(owner, minlength=experts))
+
+        exact = dispatch.BlockPlan(result, max_choices=int(k), rows=1, static_bound=False)
+        counts = (slots >= 0).sum(0)  # no padding, no bound: exactly each expert's choices
+        np.testing.assert_array_equal(exact.expert_rows.numpy(), counts)
+        assert int(exact.num_blocks) == counts.sum()
+        np.testing.assert_array_equal(  # expert by expert, its tokens in order
+            exact.token_index.numpy()[:, 0],
+            [t for e in range(experts) for t in np.nonzero(slots[:, e] >= 0)[0]])
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_experts_call_sorted_against_numpy(use_bias):
+    """`FeedForwardExperts.call_sorted`: expert `i` on its run of rows, runs of any length (0
+    included), against a NumPy SwiGLU per row."""
+    rng = np.random.default_rng(2)
+    experts = tf_moe.FeedForwardExperts(5, 7, activation=["silu", "linear"], use_bias=use_bias,
+                                        seed=0)
+    experts.build((5, None, None, 6))
+    if use_bias:
+        for bias in experts.bi + [experts.bo]:
+            bias.assign(rng.normal(size=bias.shape).astype("float32"))
+    wi0, wi1, wo = (np.asarray(w) for w in experts.wi + [experts.wo])
+    b = ([np.asarray(w) for w in experts.bi + [experts.bo]] if use_bias
+         else [np.zeros([5, 7]), np.zeros([5, 7]), np.zeros([5, 6])])
+    for _ in range(5):
+        runs = rng.integers(0, 4, size=5)
+        owner = np.repeat(np.arange(5), runs)
+        x = rng.normal(size=(runs.sum(), 6)).astype("float32")
+        got = experts.call_sorted(tf.constant(x), tf.constant(runs, tf.int32)).numpy()
+        h0 = x[:, None] @ wi0[owner] + b[0][owner][:, None]
+        h1 = x[:, None] @ wi1[owner] + b[1][owner][:, None]
+        hidden = h0 / (1 + np.exp(-h0)) * h1
+        expected = (hidden @ wo[owner])[:, 0] + b[2][owner]
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

@@ -22,6 +22,8 @@ layers use for dispatch and for combine. Gradients reach the router through the 
 indices are integers.
 """
 
+import functools
+
 import tensorflow as tf
 
 from tf_moe import _compat
@@ -366,10 +368,17 @@ class BlockPlan:
     block belongs to one expert (`block_expert`), so the experts run as one
     batched matmul over the blocks with each block's weights gathered.
 
+    Outside XLA, `BlockPlan(result, k, rows=1, static_bound=False)` is the same
+    sort with no padding and no bound: exactly the `k * g * s` (fewer with
+    masked tokens) rows, each expert's run `expert_rows[i]` long, for experts
+    that run on each run as it is (`FeedForwardExperts.call_sorted`).
+
     Args:
         result: a `RoutingResult` `[g, s, e]` that dropped nothing.
         max_choices: `k`, the most experts a token may use (the bound).
         rows: `B`; default `block_rows(k * g * s, e)`.
+        static_bound: bool: `ceil(k * g * s / B) + e` blocks, the last ones
+            unused (XLA), or only the blocks used (a shape known when run).
 
     Example:
     >>> r = tf_moe.routing.top_k_gating(tf.random.normal([2, 64, 8]), 64, k=2)
@@ -379,7 +388,7 @@ class BlockPlan:
     (TensorShape([40, 8, 16]), TensorShape([40]), TensorShape([2, 64, 16]))
     """
 
-    def __init__(self, result, max_choices, rows=None):
+    def __init__(self, result, max_choices, rows=None, static_bound=True):
         slots = result.expert_slots
         groups, size, num_experts = _shape(slots)
         num_tokens = groups * size
@@ -388,9 +397,15 @@ class BlockPlan:
         # folds to constants when it compiles for the actual shapes (`fit` traces
         # with an unknown batch size).
         self.rows = rows or block_rows(max_choices * num_tokens, num_experts)
-        self.num_blocks = (max_choices * num_tokens + self.rows - 1) // self.rows + num_experts
         blocks = (tf.reduce_sum(chosen, axis=0) + self.rows - 1) // self.rows  # [e]
         block_end = tf.cumsum(blocks)
+        if static_bound:
+            self.num_blocks = (max_choices * num_tokens + self.rows - 1) // self.rows + num_experts
+        else:
+            self.num_blocks = block_end[-1]
+        # Each expert's rows; the unused blocks at the end count as the last expert's.
+        self.expert_rows = self.rows * (blocks + tf.one_hot(
+            num_experts - 1, num_experts, dtype=tf.int32) * (self.num_blocks - block_end[-1]))
         first_row = (block_end - blocks) * self.rows  # [e]
         rank = tf.cumsum(chosen, axis=0, exclusive=True)  # [N, e]: place in the expert's run
         row = tf.where(chosen > 0, first_row[None] + rank, -1)  # [N, e]
@@ -402,11 +417,17 @@ class BlockPlan:
         self.token_index = tf.reshape(token_index, [self.num_blocks, self.rows])
         self.gates = tf.reshape(tf.math.unsorted_segment_sum(gates, row, total),
                                 [self.num_blocks, self.rows])
-        self.block_expert = tf.minimum(  # unused blocks at the end: the last expert's
-            tf.searchsorted(block_end, tf.range(self.num_blocks), side="right"),
-            num_experts - 1)
+        self._block_end = block_end
+        self._num_experts = num_experts
         self._token_shape = [groups, size]
         self._num_tokens = num_tokens
+
+    @functools.cached_property
+    def block_expert(self):
+        """Each block's expert `[blocks]`: the unused blocks at the end are the last expert's."""
+        return tf.minimum(
+            tf.searchsorted(self._block_end, tf.range(self.num_blocks), side="right"),
+            self._num_experts - 1)
 
     def dispatch(self, tokens):
         """The blocks: `[g, s, m]` -> `[blocks, B, m]` (empty rows are zeros)."""

@@ -262,11 +262,39 @@ class FeedForwardExperts(keras.layers.Layer):
         return self._feed_forward(blocks, lambda t, w: tf.matmul(t, of_block(w)),
                                   lambda bias: of_block(bias)[:, None], training)
 
-    def _feed_forward(self, x, matmul, bias, training):
+    def call_sorted(self, rows, expert_rows, training=None):
+        """The experts on rows sorted by expert: `[R, m] -> [R, n]`, expert `i` on its run.
+
+        For `tf_moe.dispatch.BlockPlan(..., rows=1, static_bound=False)`
+        outside XLA: expert `i` computes the `expert_rows[i]` rows after those
+        of experts `< i`, as 2-D matmuls on exactly its rows (`"tm,mh->th"`),
+        so no expert is padded to the fullest one's load. Run `i`'s dropout
+        draws from the call's seed folded with `i`. One expert axis only.
+
+        Args:
+            rows: `[R, m]`, sorted by expert.
+            expert_rows: int32 `[e]`, summing to `R`.
+        """
+        # Each weight unstacked once: its gradient is one stack, not e slices' scatters.
+        weights = self.wi + [self.wo] + (self.bi + [self.bo] if self.use_bias else [])
+        per_expert = {id(w): tf.unstack(tf.convert_to_tensor(w)) for w in weights}
+        seed = (seeding.next_seed(self.seed_base, self.seed_step)
+                if training and self.dropout_rate > 0 else None)
+        outputs = []
+        for i, run in enumerate(tf.split(rows, expert_rows, num=self.num_experts)):
+            outputs.append(self._feed_forward(
+                run, lambda t, w, i=i: tf.matmul(t, per_expert[id(w)][i]),
+                lambda bias, i=i: per_expert[id(bias)][i], training,
+                seed=None if seed is None else seeding.fold_in(seed, i)))
+        return tf.concat(outputs, 0)
+
+    def _feed_forward(self, x, matmul, bias, training, seed=None):
         """`act(x wi + bi) wo + bo` (GLU: the product over the `wi_k`), dropout on the hidden layer.
 
         `matmul(x, weight)` and `bias(weight)` read each expert's weights as the
-        caller lays out its rows: by expert (`call`) or by block (`call_blocks`).
+        caller lays out its rows: by expert (`call`), by block (`call_blocks`) or
+        in runs (`call_sorted`). `seed` is the dropout's (default: the next of the
+        layer's stream).
         """
         hidden = None
         for index, (wi, activation) in enumerate(zip(self.wi, self._activations)):
@@ -276,8 +304,9 @@ class FeedForwardExperts(keras.layers.Layer):
             h = activation(h)
             hidden = h if hidden is None else hidden * h
         if training and self.dropout_rate > 0:
-            hidden = seeding.dropout(hidden, self.dropout_rate,
-                                     seeding.next_seed(self.seed_base, self.seed_step))
+            if seed is None:
+                seed = seeding.next_seed(self.seed_base, self.seed_step)
+            hidden = seeding.dropout(hidden, self.dropout_rate, seed)
         y = matmul(hidden, self.wo)
         if self.use_bias:
             y += bias(self.bo)

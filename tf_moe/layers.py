@@ -361,12 +361,15 @@ class MoELayer(MoEBase):
     Mesh-TF's routers `max(min(s, int(s * capacity_factor / e)),
     min_expert_capacity)`, at most `s`, with `capacity_factor_train` in
     training and `capacity_factor_eval` otherwise). A router with no capacity
-    in a mode (a factor of None) drops nothing there: it routes with `c = s`,
-    and the gather path sizes the buffers by the fullest expert of the batch
-    (a dynamic shape), so the experts compute on about `k * s * max_load / e`
-    slots per expert. XLA needs static shapes, so under `jit_compile=True`
-    (and on the einsum path, and with `expert_parallel`, not sized dynamically
-    across replicas) such buffers have `s` slots per expert.
+    in a mode (a factor of None) drops nothing there: it routes with `c = s`.
+    With the default experts on the gather path, the chosen (token, expert)
+    pairs are then sorted by expert (`tf_moe.dispatch.BlockPlan`): each expert
+    computes exactly its rows, or under XLA, which needs static shapes, blocks
+    of them within a bound of about `k * s` rows. Custom `experts` layers get
+    buffers sized by the fullest expert of the batch (`k * s * max_load / e`
+    slots per expert, a dynamic shape), and under `jit_compile=True`, on the
+    einsum path and with `expert_parallel` (not sized dynamically across
+    replicas), `s` slots per expert.
 
     Losses (through `add_loss`): `loss_coef * balance_loss` in training and
     evaluation, plus `loss_coef * z_loss_coef * z_loss` in training (as
@@ -594,16 +597,25 @@ class MoELayer(MoEBase):
         """The experts on the routed tokens: `[g, s, m]` -> `[g, s, n]`.
 
         A `DispatchPlan` (`[e, g, c, m]` buffers), or, for a router with no
-        capacity under XLA, a `BlockPlan` whose static bound is about the real
-        `k * g * s` rows rather than `e * s` per group: with the default
-        `FeedForwardExperts`, gather dispatch and no expert parallelism. The
-        token count may be unknown when the function is traced (`fit` traces
-        with an unknown batch size): XLA compiles for the actual one.
+        capacity, with the default `FeedForwardExperts`, gather dispatch and no
+        expert parallelism, the choices sorted by expert (`BlockPlan`):
+        - under XLA, in blocks whose static bound is about the real `k * g * s`
+          rows rather than `e * s` per group. The token count may be unknown
+          when the function is traced (`fit` traces with an unknown batch
+          size): XLA compiles for the actual one.
+        - otherwise, in runs of exactly each expert's rows, rather than every
+          expert's buffer padded to the fullest expert's load.
         """
-        if dropless and self._blocks_apply(tokens):
-            plan = dispatch_module.BlockPlan(result, self.router.max_choices)
-            return plan.combine(self.experts.call_blocks(  # [blocks, B, m] -> [blocks, B, n]
-                plan.dispatch(tokens), plan.block_expert, training=training))
+        if dropless and self._sorted_rows_apply():
+            k = self.router.max_choices
+            if dispatch_module.in_xla_context():
+                plan = dispatch_module.BlockPlan(result, k)
+                return plan.combine(self.experts.call_blocks(  # [blocks, B, m] -> [blocks, B, n]
+                    plan.dispatch(tokens), plan.block_expert, training=training))
+            plan = dispatch_module.BlockPlan(result, k, rows=1, static_bound=False)
+            rows = plan.dispatch(tokens)[:, 0]  # [R, m]
+            return plan.combine(self.experts.call_sorted(  # [R, m] -> [R, n]
+                rows, plan.expert_rows, training=training)[:, None])
         plan = dispatch_module.DispatchPlan(result, self.dispatch,
                                             dropless=dropless and not self.expert_parallel)
         expert_outputs = distribute.run_experts(  # [e, g, c, m] -> [e, g, c, n]
@@ -611,8 +623,8 @@ class MoELayer(MoEBase):
             expert_parallel=self.expert_parallel, layer_name=self.name)
         return plan.combine(expert_outputs)
 
-    def _blocks_apply(self, tokens):
-        return (dispatch_module.in_xla_context() and not self.expert_parallel
+    def _sorted_rows_apply(self):
+        return (not self.expert_parallel
                 and isinstance(self.experts, FeedForwardExperts)
                 and len(self.experts.expert_shape) == 1
                 and dispatch_module.resolve(self.dispatch) == "gather"
