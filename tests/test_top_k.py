@@ -502,7 +502,10 @@ def test_block_plan_bound_and_layout():
         owner = plan.block_expert.numpy()
         slots = result.expert_slots.numpy().reshape(-1, experts)
         n = groups * size
-        assert plan.num_blocks == -(-k * n // plan.rows) + experts  # the static bound
+        bound = (k * n + experts * (plan.rows - 1)) // plan.rows  # the static bound
+        assert plan.num_blocks == bound
+        blocks_used = -(-(slots >= 0).sum(0) // plan.rows)  # ceil(n_i / B) per expert
+        assert blocks_used.sum() <= bound
         held = {}
         for b in range(plan.num_blocks):
             for row in range(plan.rows):

@@ -41,6 +41,8 @@ def in_xla_context():
 
     No public API tells; the layers choose static buffer shapes there.
     """
+    if tf.executing_eagerly():  # never XLA, whatever the global graph holds
+        return False
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 

@@ -363,8 +363,10 @@ class BlockPlan:
     `s` slots per group (`e * s` rows for `k * s` choices). Here instead
     (MegaBlocks' layout) the chosen (token, expert) pairs of the whole call
     are sorted by expert and each expert's run is padded to whole blocks of
-    `B` rows: at most `ceil(k * g * s / B) + e` blocks, a bound XLA knows when
-    it compiles (from the shapes, even when `fit` traces with an unknown batch). Each
+    `B` rows: at most `(k * g * s + e * (B - 1)) // B` blocks (each expert's
+    `n_i` choices take `ceil(n_i / B) <= (n_i + B - 1) / B` blocks), a bound XLA
+    knows when it compiles (from the shapes, even when `fit` traces with an
+    unknown batch). Each
     block belongs to one expert (`block_expert`), so the experts run as one
     batched matmul over the blocks with each block's weights gathered.
 
@@ -377,15 +379,15 @@ class BlockPlan:
         result: a `RoutingResult` `[g, s, e]` that dropped nothing.
         max_choices: `k`, the most experts a token may use (the bound).
         rows: `B`; default `block_rows(k * g * s, e)`.
-        static_bound: bool: `ceil(k * g * s / B) + e` blocks, the last ones
-            unused (XLA), or only the blocks used (a shape known when run).
+        static_bound: bool: the bound's count of blocks, the last ones unused
+            (XLA), or only the blocks used (a shape known when run).
 
     Example:
     >>> r = tf_moe.routing.top_k_gating(tf.random.normal([2, 64, 8]), 64, k=2)
     >>> plan = BlockPlan(r, max_choices=2)
-    >>> blocks = plan.dispatch(tf.ones([2, 64, 16]))  # [blocks, B, m]: 256 / 8 + 8 blocks of 8
+    >>> blocks = plan.dispatch(tf.ones([2, 64, 16]))  # [blocks, B, m]: (256 + 8 * 7) // 8 of 8
     >>> blocks.shape, plan.block_expert.shape, plan.combine(blocks).shape
-    (TensorShape([40, 8, 16]), TensorShape([40]), TensorShape([2, 64, 16]))
+    (TensorShape([39, 8, 16]), TensorShape([39]), TensorShape([2, 64, 16]))
     """
 
     def __init__(self, result, max_choices, rows=None, static_bound=True):
@@ -400,7 +402,8 @@ class BlockPlan:
         blocks = (tf.reduce_sum(chosen, axis=0) + self.rows - 1) // self.rows  # [e]
         block_end = tf.cumsum(blocks)
         if static_bound:
-            self.num_blocks = (max_choices * num_tokens + self.rows - 1) // self.rows + num_experts
+            self.num_blocks = (max_choices * num_tokens
+                               + num_experts * (self.rows - 1)) // self.rows
         else:
             self.num_blocks = block_end[-1]
         # Each expert's rows; the unused blocks at the end count as the last expert's.
