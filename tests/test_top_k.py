@@ -552,3 +552,20 @@ def test_experts_call_sorted_against_numpy(use_bias):
         hidden = h0 / (1 + np.exp(-h0)) * h1
         expected = (hidden @ wo[owner])[:, 0] + b[2][owner]
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_experts_call_sorted_dropout_draws_a_mask_per_run():
+    """Two experts with the same weights on the same rows: in training their runs get
+    different dropout masks (the call's seed folded with the run), outside training none."""
+    experts = tf_moe.FeedForwardExperts(2, 64, dropout_rate=0.5, seed=0)
+    experts.build((2, None, None, 6))
+    for weight in experts.wi + [experts.wo]:
+        weight.assign(tf.repeat(weight[:1], 2, axis=0))
+    x = tf.random.stateless_normal([10, 6], seed=[1, 2])
+    rows, runs = tf.concat([x, x], 0), tf.constant([10, 10])
+    trained = experts.call_sorted(rows, runs, training=True).numpy()
+    assert not np.allclose(trained[:10], trained[10:])
+    again = experts.call_sorted(rows, runs, training=True).numpy()
+    assert not np.allclose(trained, again)  # a fresh seed each training call
+    plain = experts.call_sorted(rows, runs, training=False).numpy()
+    np.testing.assert_array_equal(plain[:10], plain[10:])

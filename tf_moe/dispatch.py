@@ -366,9 +366,9 @@ class BlockPlan:
     `B` rows: at most `(k * g * s + e * (B - 1)) // B` blocks (each expert's
     `n_i` choices take `ceil(n_i / B) <= (n_i + B - 1) / B` blocks), a bound XLA
     knows when it compiles (from the shapes, even when `fit` traces with an
-    unknown batch). Each
-    block belongs to one expert (`block_expert`), so the experts run as one
-    batched matmul over the blocks with each block's weights gathered.
+    unknown batch). Each block belongs to one expert (`block_expert`), so the
+    experts run as one batched matmul over the blocks with each block's
+    weights gathered.
 
     Outside XLA, `BlockPlan(result, k, rows=1, static_bound=False)` is the same
     sort with no padding and no bound: exactly the `k * g * s` (fewer with
