@@ -7,12 +7,12 @@ of the same active width (`k * h`). This script times what no routing can remove
 experts' own SwiGLU matmuls, forward and backward, on tokens already sorted by expert and
 perfectly balanced (`c = k * s / e` rows each, no padding, no router), in the forms TensorFlow
 offers:
-- `batched`: one `tf.einsum("ecm,emh->ech")` per projection, as `FeedForwardExperts` runs;
+- `batched`: one batched `tf.einsum("ecm,emh->ech")` per projection;
 - `per-expert`: `e` separate 2-D `tf.matmul`s per projection (the exact-size split);
 - `tf_moe experts`: the package's `FeedForwardExperts` layer on the same `[e, 1, c, m]` rows;
 - `tf_moe blocks`: its `call_blocks` on the blocks of a `BlockPlan` (the layout that keeps
   dropless routing's static bound near the real work under XLA): `c / B` blocks per expert
-  plus the plan's `e` spare blocks, each block's weights gathered;
+  plus the spare blocks of the plan's bound, each block's weights gathered;
 - the last two `+ dispatch/combine`: with the tokens gathered into those rows and the
   gate-weighted sum back (`tf_moe.dispatch.gather_dispatch` / `scatter_combine`), from a fixed
   balanced assignment of `k` distinct experts per token, so only the router is left out.
@@ -35,9 +35,8 @@ sys.path.insert(0, HERE)
 import bench  # noqa: E402  (sets the allocator before TensorFlow starts)
 import common  # noqa: E402
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 import tf_moe  # noqa: E402
 from tf_moe import dispatch  # noqa: E402
@@ -99,7 +98,7 @@ def _assignment(config):
     expert = (np.arange(s)[:, None] * k + np.arange(k)) % e  # [s, k]
     token_index = np.stack([order[np.nonzero((expert == i).any(1))[0]] for i in range(e)])
     rows = dispatch.block_rows(k * s, e)
-    blocks = -(-k * s // rows) + e  # BlockPlan's bound
+    blocks = dispatch.block_bound(k * s, e, rows)  # BlockPlan's static bound
     block_index = np.full([blocks * rows], s)
     block_index[:e * c] = token_index.reshape(-1)
     block_expert = np.minimum(np.arange(blocks) // (c // rows), e - 1)

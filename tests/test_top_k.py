@@ -503,6 +503,7 @@ def test_block_plan_bound_and_layout():
         slots = result.expert_slots.numpy().reshape(-1, experts)
         n = groups * size
         bound = (k * n + experts * (plan.rows - 1)) // plan.rows  # the static bound
+        assert dispatch.block_bound(k * n, experts, plan.rows) == bound
         assert plan.num_blocks == bound
         blocks_used = -(-(slots >= 0).sum(0) // plan.rows)  # ceil(n_i / B) per expert
         assert blocks_used.sum() <= bound

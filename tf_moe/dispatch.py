@@ -356,6 +356,20 @@ def block_rows(num_choices, num_experts):
     return tf.reduce_max(tf.where(fits, candidates, 8))
 
 
+def block_bound(num_choices, num_experts, rows):
+    """Blocks of `rows` that hold any `num_choices` choices sorted by expert, each run padded.
+
+    Expert `i`'s `n_i` choices take `ceil(n_i / B) <= (n_i + B - 1) / B`
+    blocks, so all of them at most `(k * g * s + e * (B - 1)) // B`. An int,
+    or a scalar tensor when `num_choices` or `rows` is one.
+
+    Example:
+    >>> block_bound(2 * 4096, 8, 256)  # 32 full blocks and at most 7 partial ones
+    39
+    """
+    return (num_choices + num_experts * (rows - 1)) // rows
+
+
 class BlockPlan:
     """Dropless dispatch at the real cost under XLA: the choices sorted by expert, in blocks.
 
@@ -363,8 +377,7 @@ class BlockPlan:
     `s` slots per group (`e * s` rows for `k * s` choices). Here instead
     (MegaBlocks' layout) the chosen (token, expert) pairs of the whole call
     are sorted by expert and each expert's run is padded to whole blocks of
-    `B` rows: at most `(k * g * s + e * (B - 1)) // B` blocks (each expert's
-    `n_i` choices take `ceil(n_i / B) <= (n_i + B - 1) / B` blocks), a bound XLA
+    `B` rows: at most `block_bound(k * g * s, e, B)` blocks, a bound XLA
     knows when it compiles (from the shapes, even when `fit` traces with an
     unknown batch). Each block belongs to one expert (`block_expert`), so the
     experts run as one batched matmul over the blocks with each block's
@@ -402,8 +415,7 @@ class BlockPlan:
         blocks = (tf.reduce_sum(chosen, axis=0) + self.rows - 1) // self.rows  # [e]
         block_end = tf.cumsum(blocks)
         if static_bound:
-            self.num_blocks = (max_choices * num_tokens
-                               + num_experts * (self.rows - 1)) // self.rows
+            self.num_blocks = block_bound(max_choices * num_tokens, num_experts, self.rows)
         else:
             self.num_blocks = block_end[-1]
         # Each expert's rows; the unused blocks at the end count as the last expert's.
