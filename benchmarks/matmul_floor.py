@@ -70,8 +70,9 @@ def batched_step(config, xla):
 
 
 def per_expert_step(config, xla):
-    e = config["num_experts"]
-    weights = [[tf.Variable(w[i]) for w in _glu_weights(config)] for i in range(e)]
+    # Expert i's (w0, w1, wo), from one draw of the batched weights.
+    weights = [[tf.Variable(w) for w in expert]
+               for expert in zip(*(tf.unstack(w) for w in _glu_weights(config)))]
     rows = tf.unstack(_sorted_rows(config))
 
     def loss_fn(x):
